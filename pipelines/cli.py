@@ -1,0 +1,141 @@
+"""The `mmkd` command line. Every subcommand maps YAML + flags onto a typed config."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _config(args, cls):
+    from pipelines.config import load_config
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "cache_command", "config", "func")}
+    return load_config(cls, args.config, flags)
+
+
+def cmd_demo(args) -> int:
+    from pipelines.demo import DemoConfig, run_demo
+
+    run_demo(_config(args, DemoConfig))
+    return 0
+
+
+def cmd_teacher_pass(args) -> int:
+    from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+
+    cfg = _config(args, TeacherPassConfig)
+    _require(cfg, "teacher", "data", "image_root", "output")
+    run_teacher_pass(cfg)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from student.train import TrainConfig, train
+
+    cfg = _config(args, TrainConfig)
+    _require(cfg, "data", "image_root", "processor", "output_dir")
+    train(cfg)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from student.evaluate import evaluate
+
+    metrics = evaluate(args.model, args.data, args.image_root, args.cache, args.batch_size, args.max_length)
+    text = json.dumps(metrics, indent=1)
+    print(text)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    return 0
+
+
+def cmd_cache_inspect(args) -> int:
+    from storage.inspect import inspect_cache
+
+    summary = inspect_cache(args.path)
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        for key, value in summary.items():
+            print(f"{key:>28}: {value}")
+    return 0
+
+
+def cmd_cache_verify(args) -> int:
+    from storage.reader import TeacherCache
+
+    problems = TeacherCache(args.path).verify()
+    for p in problems:
+        print(p, file=sys.stderr)
+    print("ok" if not problems else f"{len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
+def _require(cfg, *names) -> None:
+    missing = [n for n in names if not getattr(cfg, n)]
+    if missing:
+        raise SystemExit("missing required setting(s): " + ", ".join("--" + n.replace("_", "-") for n in missing)
+                         + " (flags or the --config YAML)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.config import add_flags
+    from pipelines.demo import DemoConfig
+    from pipelines.teacher_pass import TeacherPassConfig
+    from student.train import TrainConfig
+
+    p = argparse.ArgumentParser(prog="mmkd", description="Offline distillation of multimodal LLMs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name, cls, func, help_):
+        sp = sub.add_parser(name, help=help_, description=help_)
+        sp.add_argument("--config", help="YAML file of settings (flags override it)")
+        add_flags(sp, cls)
+        sp.set_defaults(func=func)
+
+    with_config("demo", DemoConfig, cmd_demo, "Run the whole loop on the synthetic data set and print the results table.")
+    with_config("teacher-pass", TeacherPassConfig, cmd_teacher_pass,
+                "Run the teacher once over a data set and write (or resume) a cache.")
+    with_config("train", TrainConfig, cmd_train, "Train a model: CE only, or CE + distillation from a cache.")
+
+    ev = sub.add_parser("eval", help="Exact match (and KL to the teacher, from a cache) on a split.")
+    ev.add_argument("--model", required=True, help="model folder (with its processor)")
+    ev.add_argument("--data", required=True, help="LLaVA JSON of the split")
+    ev.add_argument("--image-root", required=True)
+    ev.add_argument("--cache", help="teacher cache of the same split, for KL to the teacher")
+    ev.add_argument("--batch-size", type=int, default=64)
+    ev.add_argument("--max-length", type=int, default=256)
+    ev.add_argument("--out", help="also write the metrics JSON here")
+    ev.set_defaults(func=cmd_eval)
+
+    cache = sub.add_parser("cache", help="Inspect or verify a teacher cache.")
+    csub = cache.add_subparsers(dest="cache_command", required=True)
+    ins = csub.add_parser("inspect", help="Manifest summary, sizes, bytes per token, teacher statistics.")
+    ins.add_argument("path")
+    ins.add_argument("--json", action="store_true", help="machine-readable output")
+    ins.set_defaults(func=cmd_cache_inspect)
+    ver = csub.add_parser("verify", help="Check checksums, schema, row counts, duplicate samples.")
+    ver.add_argument("path")
+    ver.set_defaults(func=cmd_cache_verify)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from pipelines.config import ConfigError
+    from storage.schema import CacheError
+    from pipelines.samples import SampleError
+
+    try:
+        return args.func(args)
+    except (ConfigError, CacheError, SampleError) as e:
+        print(f"mmkd: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""The teacher pass: a Ray Data pipeline that runs the teacher once over every sample and
+writes its targets to a cache.
+
+    samples (LLaVA JSON) -> ray.data.from_items -> map_batches(TeacherWorker, actor pool)
+        -> iter_batches on the driver -> storage.CacheWriter (committed shards + manifest)
+
+Workers preprocess (chat template, images, labels), run the teacher and return compact
+Arrow rows; the driver alone writes, so the manifest has one writer. Re-running the same
+command resumes: samples already committed are skipped (DESIGN invariant 3).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+
+from pipelines.preprocess import collate, encode_sample, image_token_count
+from pipelines.samples import Sample, load_image, read_llava
+from storage.manifest import Manifest
+from storage.schema import ROW_SCHEMA, CacheError
+from storage.writer import CacheWriter
+
+
+@dataclass
+class TeacherPassConfig:
+    teacher: str = ""  # Hugging Face model folder of the teacher (weights + processor)
+    data: str = ""  # LLaVA conversation JSON/JSONL
+    image_root: str = ""  # folder the samples' image paths are relative to
+    output: str = ""  # cache folder to create or resume
+    k: int = 64  # top-k entries kept per supervised position
+    temperature: float = 1.0
+    dtype: str = "float32"  # teacher dtype: float32, bfloat16, float16
+    device: str = "auto"  # "auto" = CUDA when present, else CPU
+    batch_size: int = 16  # samples per teacher forward
+    num_workers: int = 1  # teacher actors in the pool
+    num_gpus_per_worker: float = -1  # -1 = 1 when CUDA is present, else 0
+    rows_per_shard: int = 1024
+    max_length: int = 2048
+    address: str | None = None  # Ray cluster address ("auto", "ray://..."); None = local Ray
+    new_cache: bool = False  # replace a cache in `output` made with other settings
+
+
+class TeacherWorker:
+    """A Ray actor: holds the teacher, turns a batch of samples into cache rows."""
+
+    def __init__(self, cfg: TeacherPassConfig):
+        import torch
+
+        from teacher_cache.teacher import load_teacher
+
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+        self.cfg = cfg
+        self.model, self.processor = load_teacher(cfg.teacher, cfg.dtype, cfg.device)
+        self.device = next(self.model.parameters()).device
+        self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+
+    def __call__(self, batch: dict) -> pa.Table:
+        from teacher_cache.extract import extract_rows, to_device
+
+        samples = [Sample.from_json(s) for s in batch["sample"]]
+        encoded = [encode_sample(self.processor, s, load_image(self.cfg.image_root, s), self.cfg.max_length)
+                   for s in samples]
+        arrays = collate(encoded, self.processor.tokenizer.pad_token_id)
+        tensors = to_device(arrays, self.device, self.model.dtype)
+        return extract_rows(self.model, tensors, [s.id for s in samples], self.cfg.k, self.cfg.temperature,
+                            self.image_token_id)
+
+
+def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
+    from transformers import AutoConfig, AutoProcessor
+
+    from teacher_cache.teacher import processor_description, teacher_description
+
+    processor = AutoProcessor.from_pretrained(cfg.teacher)
+    vocab = AutoConfig.from_pretrained(cfg.teacher).get_text_config().vocab_size
+    if cfg.k > vocab:
+        raise ValueError(f"k={cfg.k} is larger than the teacher's vocabulary ({vocab})")
+    return Manifest(
+        teacher=teacher_description(cfg.teacher, cfg.dtype),
+        processor=processor_description(processor, image_token_count(processor)),
+        vocab_size=vocab,
+        extraction={"k": cfg.k, "temperature": cfg.temperature, "record_kinds": ["response_topk"],
+                    "positions": "supervised tokens, shifted (logits at t-1 for the token at t)",
+                    "max_length": cfg.max_length},
+        inputs={"data": str(cfg.data), "num_samples": num_samples},
+    )
+
+
+def open_writer(cfg: TeacherPassConfig, fresh: Manifest) -> CacheWriter:
+    """A writer on cfg.output: resumes a cache made with the same settings, refuses one
+    made with others unless cfg.new_cache."""
+    out = Path(cfg.output)
+    if (out / "manifest.json").exists():
+        old = Manifest.load(out)
+        if old.settings() == fresh.settings():
+            return CacheWriter(out, old, cfg.rows_per_shard)
+        if not cfg.new_cache:
+            diff = [k for k in fresh.settings() if fresh.settings()[k] != old.settings()[k]]
+            raise CacheError(
+                f"{out}: holds a cache made with other settings ({', '.join(diff)} differ); "
+                "choose another output folder or pass --new-cache to replace it"
+            )
+        for s in old.shards:
+            (out / s.file).unlink(missing_ok=True)
+    return CacheWriter(out, fresh, cfg.rows_per_shard)
+
+
+def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
+    """Run (or resume) the teacher pass; returns the final manifest."""
+    import ray
+
+    samples = read_llava(cfg.data)
+    writer = open_writer(cfg, build_manifest(cfg, len(samples)))
+    done = {sid for s in writer.manifest.shards for sid in s.sample_ids}
+    pending = [s for s in samples if s.id not in done]
+    log(f"[teacher-pass] {len(samples)} samples, {len(done)} already in the cache, {len(pending)} to run")
+    if pending:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        if not ray.is_initialized():
+            if cfg.address:
+                ray.init(address=cfg.address)
+            else:
+                ray.init(num_cpus=max(2, cfg.num_workers + 1), object_store_memory=1 << 30,
+                         include_dashboard=False, log_to_driver=False)
+        import torch
+
+        gpus = cfg.num_gpus_per_worker if cfg.num_gpus_per_worker >= 0 else (1 if torch.cuda.is_available() else 0)
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # same input -> same shards
+        ctx.enable_progress_bars = False
+        ds = ray.data.from_items([{"sample": s.to_json()} for s in pending])
+        ds = ds.map_batches(TeacherWorker, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_gpus=gpus,
+                            batch_format="numpy")
+        t0, n, tokens = time.time(), 0, 0
+        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            writer.add(table.select(ROW_SCHEMA.names).cast(ROW_SCHEMA))
+            n += table.num_rows
+            tokens += sum(len(x) for x in table.column("supervised_positions").to_pylist())
+            rate = n / (time.time() - t0)
+            log(f"[teacher-pass] {len(done) + n}/{len(samples)} samples  {rate:.1f} samples/s  "
+                f"{tokens / (time.time() - t0):.0f} targets/s  ETA {(len(pending) - n) / rate:.0f}s")
+    manifest = writer.close(complete=writer.manifest.num_rows == len(samples))
+    size = sum(s.bytes for s in manifest.shards)
+    log(f"[teacher-pass] done: {manifest.num_rows} rows in {len(manifest.shards)} shards, {size / 1e6:.2f} MB "
+        f"-> {cfg.output}")
+    return manifest

@@ -1,0 +1,141 @@
+"""The student's data: samples re-encoded with the student's processor, joined with the
+teacher's cached targets, checked for alignment, batched per data-parallel rank.
+
+The student never sees the teacher: only the cache rows (storage/) and the samples.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines.preprocess import Encoded, collate, encode_sample, image_token_id
+from pipelines.samples import Sample, load_image
+from storage.reader import CacheRow, TeacherCache
+from storage.schema import CacheError, token_digest
+
+
+class AlignmentError(CacheError):
+    """The sequence the student built differs from the one the teacher saw."""
+
+
+@dataclass
+class Item:
+    encoded: Encoded
+    target: CacheRow | None
+
+
+def check_alignment(enc: Encoded, row: CacheRow, processor) -> None:
+    """Refuse a cache row whose teacher sequence is not the student's (text tokens; the
+    visual token count may differ) or whose supervised token count differs."""
+    img = image_token_id(processor)
+    if token_digest(enc.input_ids, img) != row.token_digest:
+        a = _collapse(enc.input_ids, img)
+        b = _collapse(row.input_ids, img)
+        i = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
+        tok = processor.tokenizer
+        raise AlignmentError(
+            f"sample {enc.sample_id}: the student's token sequence differs from the teacher's in "
+            f"the cache at text token {i} (student {tok.convert_ids_to_tokens(a[i:i + 5].tolist())} "
+            f"vs cache {tok.convert_ids_to_tokens(b[i:i + 5].tolist())}; lengths {len(a)} vs {len(b)}). "
+            "The targets would be misaligned. Use the teacher's tokenizer, chat template and "
+            "max_length for the student, or rebuild the cache with the student's."
+        )
+    n_student = int((enc.labels != -100).sum())
+    if n_student != len(row.supervised_positions):
+        raise AlignmentError(
+            f"sample {enc.sample_id}: {n_student} supervised tokens for the student but "
+            f"{len(row.supervised_positions)} targets in the cache; the label masks differ"
+        )
+
+
+def _collapse(ids: np.ndarray, img: int) -> np.ndarray:
+    ids = np.asarray(ids)
+    is_img = ids == img
+    return ids[~(is_img & np.concatenate([[False], is_img[:-1]]))]
+
+
+class DistillDataset(torch.utils.data.Dataset):
+    """Map-style: item i = sample i encoded by the student's processor (+ its cache row).
+
+    With a cache, every sample must have a row (an error lists the missing ids), and each
+    row is alignment-checked when its item is built.
+    """
+
+    def __init__(self, samples: list[Sample], processor, image_root: str, max_length: int,
+                 cache: TeacherCache | None = None):
+        self.samples, self.processor = samples, processor
+        self.image_root, self.max_length = image_root, max_length
+        self.rows: dict[str, CacheRow] | None = None
+        if cache is not None:
+            check_cache_compatible(cache, processor)
+            self.rows = cache.rows()
+            missing = [s.id for s in samples if s.id not in self.rows]
+            if missing:
+                raise CacheError(
+                    f"{cache.dir}: {len(missing)} of {len(samples)} samples have no cached targets "
+                    f"(first: {missing[:5]}); run the teacher pass on this data (it resumes) "
+                    "or train on the cached samples only"
+                )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> Item:
+        s = self.samples[i]
+        enc = encode_sample(self.processor, s, load_image(self.image_root, s), self.max_length)
+        row = None
+        if self.rows is not None:
+            row = self.rows[s.id]
+            check_alignment(enc, row, self.processor)
+        return Item(enc, row)
+
+
+def check_cache_compatible(cache: TeacherCache, processor) -> None:
+    """Settings the student cannot honour: a different image token, or cached ids beyond
+    the student's vocabulary."""
+    m = cache.manifest
+    img = image_token_id(processor)
+    if m.processor.get("image_token_id") != img:
+        raise CacheError(
+            f"{cache.dir}: the cache's image token id is {m.processor.get('image_token_id')}, the "
+            f"student's is {img}; the student must use the teacher's tokenizer"
+        )
+    if m.vocab_size > len(processor.tokenizer):
+        raise CacheError(
+            f"{cache.dir}: teacher vocabulary {m.vocab_size} > student tokenizer's {len(processor.tokenizer)}; "
+            "cached ids could fall outside the student's vocabulary"
+        )
+
+
+def collate_items(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
+    """Batch tensors: input_ids, attention_mask, labels [B, T], pixel_values, and, with a
+    cache, topk_ids [N, k], topk_logprobs [N, k], leftover [N] for the N supervised tokens
+    in row-major (sample, position) order: the order of labels != -100."""
+    batch = {k: torch.from_numpy(v) for k, v in collate([it.encoded for it in items], pad_id).items()}
+    if items and items[0].target is not None:
+        batch["topk_ids"] = torch.from_numpy(np.concatenate([it.target.topk_ids for it in items]))
+        batch["topk_logprobs"] = torch.from_numpy(np.concatenate([it.target.topk_logprobs for it in items]))
+        batch["leftover"] = torch.from_numpy(np.concatenate([it.target.leftover for it in items]))
+    return batch
+
+
+def rank_batches(num_items: int, batch_size: int, rank: int, world_size: int, seed: int,
+                 epoch: int) -> list[list[int]]:
+    """This rank's batches of item indices for one epoch.
+
+    A seeded shuffle (same on every rank), cut to a multiple of world_size * batch_size so
+    every rank yields the same number of full batches (DESIGN invariant 7); the cut-off
+    tail differs per epoch because the shuffle does.
+    """
+    order = list(range(num_items))
+    random.Random(f"{seed}-{epoch}").shuffle(order)
+    per_step = batch_size * world_size
+    steps = num_items // per_step
+    if steps == 0:
+        raise ValueError(f"{num_items} items are fewer than one global batch ({per_step}); lower batch_size")
+    mine = order[: steps * per_step][rank::world_size]
+    return [mine[i * batch_size:(i + 1) * batch_size] for i in range(steps)]
