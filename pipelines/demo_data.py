@@ -36,7 +36,7 @@ COLORS = {
     "purple": (140, 60, 180),
     "orange": (245, 140, 30),
 }
-SHAPES = ("circle", "square", "triangle", "diamond")
+SHAPES = ("circle", "square", "triangle")
 CELLS = ("top left", "top right", "bottom left", "bottom right")  # row-major 2x2 grid
 NUMBER_WORDS = ("zero", "one", "two", "three", "four")
 IMAGE_SIZE = 32  # with 16-pixel patches: one visual token per grid cell
@@ -68,17 +68,15 @@ def draw_scene(objs: list[Obj], rng: random.Random) -> Image.Image:
     half = IMAGE_SIZE // 2
     for o in objs:
         x0, y0 = (o.cell % 2) * half, (o.cell // 2) * half
-        r = rng.randint(5, 6)  # a little jitter in size and place
+        r = rng.randint(6, 7)  # a little jitter in size and place
         cx, cy = x0 + half // 2 + rng.randint(-1, 0), y0 + half // 2 + rng.randint(-1, 0)
         fill = COLORS[o.color]
         if o.shape == "circle":
             d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
         elif o.shape == "square":
             d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
-        elif o.shape == "triangle":
+        else:  # triangle
             d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-        else:  # diamond
-            d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
     return img
 
 

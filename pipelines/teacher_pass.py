@@ -144,6 +144,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
             rate = n / (time.time() - t0)
             log(f"[teacher-pass] {len(done) + n}/{len(samples)} samples  {rate:.1f} samples/s  "
                 f"{tokens / (time.time() - t0):.0f} targets/s  ETA {(len(pending) - n) / rate:.0f}s")
+    writer.flush()
     manifest = writer.close(complete=writer.manifest.num_rows == len(samples))
     size = sum(s.bytes for s in manifest.shards)
     log(f"[teacher-pass] done: {manifest.num_rows} rows in {len(manifest.shards)} shards, {size / 1e6:.2f} MB "

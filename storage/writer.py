@@ -93,10 +93,15 @@ class CacheWriter:
         self.manifest.shards.append(info)
         self.manifest.save(self.dir)
 
-    def close(self, complete: bool) -> Manifest:
+    def flush(self) -> None:
+        """Commit the buffered rows as a (possibly short) shard."""
         if self._buffered:
             self._commit(pa.concat_tables(self._buffer))
             self._buffer, self._buffered = [], 0
+
+    def close(self, complete: bool) -> Manifest:
+        """Flush, mark the cache complete (every input sample committed) or not, unlock."""
+        self.flush()
         self.manifest.complete = complete
         self.manifest.save(self.dir)
         self._lock.close()

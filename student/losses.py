@@ -30,6 +30,8 @@ def _kl_rows(logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, left
         return (t_logp.exp() * (t_logp - s_logp)).sum()
     p = t_logp.exp()
     head = (p * (t_logp - s_logp)).sum()
+    if ids.shape[-1] >= logits.shape[-1]:
+        return head  # the top k is the whole vocabulary: there is no rest bucket
     # Student's mass outside the teacher's top k, from logsumexp over the other entries,
     # so it stays accurate (and differentiable) when it is tiny.
     s_rest = torch.logsumexp(s_logp_all.scatter(-1, ids, float("-inf")), dim=-1)

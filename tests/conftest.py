@@ -1,0 +1,52 @@
+"""Shared fixtures: a tiny demo data set, the demo processor and a tiny random LLaVA
+teacher saved as an ordinary Hugging Face folder. Nothing is downloaded."""
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+from pipelines.demo_data import write_demo_dataset
+from pipelines.demo_processor import build_demo_processor
+from student.model import LlavaArch, build_llava
+
+TINY = LlavaArch(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1,
+                 text_heads=2, text_intermediate=64)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("demo")
+    write_demo_dataset(d, num_train=40, num_val=8, num_test=16, num_preference=8, seed=3)
+    return d
+
+
+@pytest.fixture(scope="session")
+def processor_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("processor")
+    build_demo_processor(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def processor(processor_dir):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(processor_dir)
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, processor):
+    """A tiny random LLaVA saved with its processor, loadable like a downloaded checkpoint."""
+    d = tmp_path_factory.mktemp("teacher")
+    model = build_llava(TINY, processor, seed=1)
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    return d

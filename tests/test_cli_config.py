@@ -1,0 +1,52 @@
+"""Configs (YAML + flags onto typed dataclasses) and the command line."""
+
+import subprocess
+import sys
+
+import pytest
+
+from pipelines.cli import build_parser, main
+from pipelines.config import ConfigError, load_config
+from pipelines.demo import DemoConfig
+from student.train import TrainConfig
+
+
+def test_yaml_then_flags_override_defaults(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("lr: 0.01\nbatch_size: 4\narch: {text_hidden: 48}\ncache: null\n")
+    args = build_parser().parse_args(["train", "--config", str(y), "--batch-size", "2", "--arch.text-layers", "3"])
+    cfg = load_config(TrainConfig, args.config, {k: v for k, v in vars(args).items()
+                                                 if k not in ("command", "config", "func")})
+    assert cfg.lr == 0.01 and cfg.batch_size == 2
+    assert cfg.arch.text_hidden == 48 and cfg.arch.text_layers == 3 and cfg.arch.vision_hidden == 64
+    assert cfg.cache is None
+
+
+def test_unknown_keys_and_bad_types_are_named(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("learning_rate: 0.01\n")
+    with pytest.raises(ConfigError, match="learning_rate.*valid"):
+        load_config(TrainConfig, y)
+    with pytest.raises(ConfigError, match="arch.text_hidden: expected int"):
+        load_config(TrainConfig, None, {"arch.text_hidden": "big"})
+    assert load_config(DemoConfig, None, {"fresh": True}).fresh is True
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    for path in Path("configs").glob("*.yaml"):
+        load_config(DemoConfig, path)
+
+
+def test_every_subcommand_has_help():
+    for cmd in (["demo"], ["teacher-pass"], ["train"], ["eval"], ["cache", "inspect"], ["cache", "verify"]):
+        r = subprocess.run([sys.executable, "-m", "pipelines.cli", *cmd, "--help"], capture_output=True, text=True)
+        assert r.returncode == 0 and "usage: mmkd" in r.stdout, (cmd, r.stderr)
+
+
+def test_missing_settings_and_bad_caches_fail_clearly(tmp_path, capsys):
+    with pytest.raises(SystemExit, match="--teacher"):
+        main(["teacher-pass", "--data", "x.json"])
+    assert main(["cache", "inspect", str(tmp_path)]) == 2
+    assert "no manifest" in capsys.readouterr().err

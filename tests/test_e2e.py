@@ -1,0 +1,40 @@
+"""The whole loop on the micro configuration: data -> teacher -> Ray cache -> students -> eval."""
+
+import json
+
+import pytest
+
+from pipelines.config import load_config
+from pipelines.demo import DemoConfig, run_demo
+from pipelines.samples import read_llava
+from storage.inspect import inspect_cache
+from storage.reader import TeacherCache
+
+
+@pytest.mark.slow
+def test_micro_demo_end_to_end(tmp_path):
+    cfg = load_config(DemoConfig, "configs/demo_micro.yaml", {"workdir": str(tmp_path / "demo")})
+    lines = []
+    results = run_demo(cfg, log=lines.append)
+    w = tmp_path / "demo"
+    assert set(results) == {"teacher", "student (a) CE only", "student (b) CE + KD from cache"}
+    for split, n in (("train", cfg.num_train), ("test", cfg.num_test)):
+        cache = TeacherCache(w / "cache" / split)
+        ids = cache.sample_ids()
+        assert len(ids) == len(set(ids)) == n
+        assert set(ids) == {s.id for s in read_llava(w / "data" / f"{split}.json")}
+        assert cache.verify() == [] and cache.manifest.k == cfg.k
+    for name, r in results.items():
+        assert 0 <= r["accuracy"] <= 1 and r["samples"] == cfg.num_test
+        assert r["kl_to_teacher"] >= -1e-3
+    assert abs(results["teacher"]["kl_to_teacher"]) < 1e-3  # only float16 rounding of the cache
+    table = (w / "results.md").read_text()
+    assert "| student (b) CE + KD from cache |" in table
+    assert json.loads((w / "results.json").read_text())["results"].keys() == results.keys()
+    info = inspect_cache(str(w / "cache" / "train"))
+    assert info["samples"] == cfg.num_train and info["bytes_per_target_token"] > 0
+
+    # A second run resumes: every step is skipped but the evaluation.
+    lines.clear()
+    run_demo(cfg, log=lines.append)
+    assert sum("skipping" in line for line in lines) == 5

@@ -1,0 +1,137 @@
+"""The student side: alignment checks, per-rank batches, the DeepSpeed recipe, evaluation."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor
+
+from pipelines.preprocess import collate, encode_sample, image_token_id
+from pipelines.samples import load_image, read_llava
+from storage.manifest import Manifest
+from storage.reader import TeacherCache
+from storage.writer import CacheWriter
+from student.data import AlignmentError, DistillDataset, collate_items, rank_batches
+from student.evaluate import evaluate
+from student.train import TrainConfig, train
+from teacher_cache.extract import extract_rows, to_device
+from teacher_cache.teacher import load_teacher
+from tests.conftest import TINY
+
+
+@pytest.fixture(scope="module")
+def small_cache(teacher_dir, demo_dir, tmp_path_factory):
+    """A cache of the train split written without Ray (extraction + writer directly)."""
+    out = tmp_path_factory.mktemp("cache")
+    model, processor = load_teacher(str(teacher_dir), "float32", "cpu")
+    samples = read_llava(demo_dir / "train.json")
+    m = Manifest(teacher={"path": str(teacher_dir), "weights_sha256": "x", "dtype": "float32"},
+                 processor={"image_token_id": image_token_id(processor)}, vocab_size=len(processor.tokenizer),
+                 extraction={"k": 4, "temperature": 1.0, "record_kinds": ["response_topk"]})
+    w = CacheWriter(out, m, rows_per_shard=16)
+    for i in range(0, len(samples), 8):
+        chunk = samples[i:i + 8]
+        enc = [encode_sample(processor, s, load_image(demo_dir, s), 256) for s in chunk]
+        batch = to_device(collate(enc, processor.tokenizer.pad_token_id), "cpu", torch.float32)
+        w.add(extract_rows(model, batch, [s.id for s in chunk], 4, 1.0, image_token_id(processor)))
+    w.close(complete=True)
+    return out
+
+
+def test_items_carry_aligned_targets(small_cache, demo_dir, processor):
+    ds = DistillDataset(read_llava(demo_dir / "train.json"), processor, str(demo_dir), 256, TeacherCache(small_cache))
+    items = [ds[i] for i in range(3)]
+    b = collate_items(items, pad_id=processor.tokenizer.pad_token_id)
+    n = int((b["labels"] != -100).sum())
+    assert b["topk_ids"].shape == (n, 4) and b["leftover"].shape == (n,)
+    # the cached top-1 at each supervised row is a valid token id and probabilities are sane
+    assert (b["topk_logprobs"] <= 0).all() and ((b["topk_logprobs"].exp().sum(-1) + b["leftover"]) - 1).abs().max() < 1e-2
+
+
+def test_student_refuses_a_cache_of_another_sequence(small_cache, demo_dir, processor, tmp_path):
+    # (1) the sample changed after the cache was made
+    rows = json.loads((demo_dir / "train.json").read_text())
+    rows[2]["conversations"][0]["value"] = "<image>\nis there a red circle?"
+    rows[2]["conversations"][1]["value"] = "yes"
+    changed = tmp_path / "train.json"
+    changed.write_text(json.dumps(rows))
+    ds = DistillDataset(read_llava(changed), processor, str(demo_dir), 256, TeacherCache(small_cache))
+    ds[1]  # untouched samples are fine
+    with pytest.raises(AlignmentError, match=rf"sample {rows[2]['id']}: the student's token sequence differs"):
+        ds[2]
+    # (2) the student's chat template differs from the teacher's
+    other = tmp_path / "proc"
+    processor.save_pretrained(other)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        p = other / name
+        if p.exists():
+            p.write_text(p.read_text().replace("USER: ", "HUMAN: "))
+    proc2 = AutoProcessor.from_pretrained(other)
+    assert "HUMAN" in (proc2.chat_template or "")
+    ds2 = DistillDataset(read_llava(demo_dir / "train.json"), proc2, str(demo_dir), 256, TeacherCache(small_cache))
+    with pytest.raises(AlignmentError, match="chat template"):
+        ds2[0]
+
+
+def test_missing_samples_are_listed(small_cache, demo_dir, processor):
+    with pytest.raises(Exception, match="no cached targets.*first"):
+        DistillDataset(read_llava(demo_dir / "test.json"), processor, str(demo_dir), 256, TeacherCache(small_cache))
+
+
+@pytest.mark.parametrize("n,bs,world", [(103, 8, 1), (103, 8, 2), (64, 4, 4), (17, 2, 3)])
+def test_every_rank_gets_the_same_number_of_batches(n, bs, world):
+    per_rank = [rank_batches(n, bs, r, world, seed=5, epoch=1) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1
+    flat = [i for b in per_rank for batch in b for i in batch]
+    assert len(flat) == len(set(flat)) == len(per_rank[0]) * bs * world
+    assert all(len(batch) == bs for b in per_rank for batch in b)
+    assert rank_batches(n, bs, 0, world, 5, 1) == per_rank[0]  # deterministic
+    assert rank_batches(n, bs, 0, world, 5, 2) != per_rank[0]  # reshuffled per epoch
+
+
+def test_recipe_trains_and_saves_a_loadable_model(small_cache, demo_dir, processor_dir, tmp_path):
+    out = tmp_path / "student"
+    cfg = TrainConfig(data=str(demo_dir / "train.json"), image_root=str(demo_dir), processor=str(processor_dir),
+                      output_dir=str(out), cache=str(small_cache), arch=TINY, epochs=6, batch_size=8, lr=3e-3,
+                      log_every=1000)
+    summary = train(cfg, log=lambda *_: None)
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert len(log) == summary["steps"] == 6 * (40 // 8)
+    assert "kd" in log[0] and "ce" in log[0]
+    first, last = np.mean([r["loss"] for r in log[:5]]), np.mean([r["loss"] for r in log[-5:]])
+    assert last < first  # it learns
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(out)
+    assert sum(p.numel() for p in model.parameters()) == summary["params"]
+
+
+def test_exact_match_equals_greedy_generation(teacher_dir, demo_dir, tmp_path):
+    """evaluate()'s teacher-forced exact match against transformers' generate()."""
+    model, processor = load_teacher(str(teacher_dir), "float32", "cpu")
+    samples = read_llava(demo_dir / "val.json")
+    enc = [encode_sample(processor, s, load_image(demo_dir, s), 256) for s in samples]
+    batch = {k: torch.from_numpy(v) for k, v in collate(enc, processor.tokenizer.pad_token_id).items()}
+    # Fit the random model to part of the answers so that some, not all, come out right.
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for step in range(60):
+        loss = model(**{k: v[:5] for k, v in batch.items()}).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    model.save_pretrained(tmp_path / "m")
+    processor.save_pretrained(tmp_path / "m")
+    right = 0
+    for e in enc:
+        sup = np.nonzero(e.labels != -100)[0]
+        ids = torch.from_numpy(e.input_ids[None, :sup[0]])
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             pixel_values=torch.from_numpy(e.pixel_values), max_new_tokens=len(sup))
+        right += out[0, sup[0]:].tolist() == e.input_ids[sup].tolist()
+    metrics = evaluate(str(tmp_path / "m"), str(demo_dir / "val.json"), str(demo_dir))
+    assert right > 0
+    assert metrics["accuracy"] == pytest.approx(right / len(samples))

@@ -1,0 +1,89 @@
+"""The Ray teacher pass: one row per sample, values equal to the teacher's own
+log_softmax, resume without duplicates, refusal of a cache made with other settings."""
+
+import numpy as np
+import pytest
+import torch
+
+from pipelines.preprocess import collate, encode_sample
+from pipelines.samples import load_image, read_llava
+from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from storage.manifest import Manifest
+from storage.reader import TeacherCache
+from storage.schema import CacheError
+from teacher_cache.teacher import load_teacher, weights_digest
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(num_cpus=2, object_store_memory=200 << 20, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def _cfg(teacher_dir, demo_dir, out, **kw):
+    return TeacherPassConfig(teacher=str(teacher_dir), data=str(demo_dir / "train.json"), image_root=str(demo_dir),
+                             output=str(out), k=5, batch_size=8, rows_per_shard=16, **kw)
+
+
+def test_cache_has_one_row_per_sample_and_the_teachers_values(ray_local, teacher_dir, demo_dir, tmp_path):
+    cfg = _cfg(teacher_dir, demo_dir, tmp_path / "cache")
+    manifest = run_teacher_pass(cfg, log=lambda *_: None)
+    samples = read_llava(demo_dir / "train.json")
+    cache = TeacherCache(cfg.output)
+    assert sorted(cache.sample_ids()) == sorted(s.id for s in samples)
+    assert manifest.complete and cache.verify() == []
+    assert manifest.teacher["weights_sha256"] == weights_digest(teacher_dir)
+    assert manifest.k == 5 and manifest.extraction["temperature"] == 1.0
+
+    # Recompute a few samples here with the teacher's full forward.
+    model, processor = load_teacher(str(teacher_dir), "float32", "cpu")
+    rows = cache.rows()
+    some = [samples[i] for i in (0, 7, len(samples) - 1)]
+    enc = [encode_sample(processor, s, load_image(demo_dir, s), 2048) for s in some]
+    b = {k: torch.from_numpy(v) for k, v in collate(enc, processor.tokenizer.pad_token_id).items()}
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                                       pixel_values=b["pixel_values"]).logits, -1)
+    for i, (s, e) in enumerate(zip(some, enc)):
+        row = rows[s.id]
+        pos = np.nonzero(e.labels != -100)[0]
+        ref_vals, ref_ids = logp[i, pos - 1].topk(5, -1)
+        assert (row.topk_ids == ref_ids.numpy()).all()
+        assert np.allclose(row.topk_logprobs, ref_vals.numpy(), rtol=2 ** -10, atol=1e-4)
+
+    # Re-running the same command is a no-op resume: still one row per sample.
+    run_teacher_pass(cfg, log=lambda *_: None)
+    assert sorted(TeacherCache(cfg.output).sample_ids()) == sorted(s.id for s in samples)
+
+
+def test_resume_runs_only_the_missing_samples(ray_local, teacher_dir, demo_dir, tmp_path):
+    cfg = _cfg(teacher_dir, demo_dir, tmp_path / "cache")
+    run_teacher_pass(cfg, log=lambda *_: None)
+    full = TeacherCache(cfg.output).rows()
+    # Simulate a crash after the first shard: drop the later shards from the manifest.
+    m = Manifest.load(cfg.output)
+    m.shards, m.complete = m.shards[:1], False
+    m.save(cfg.output)
+    logs = []
+    run_teacher_pass(cfg, log=logs.append)
+    assert any(f"{16} already in the cache" in line for line in logs)
+    resumed = TeacherCache(cfg.output)
+    assert resumed.manifest.complete and resumed.verify() == []
+    assert sorted(resumed.sample_ids()) == sorted(full)
+    for sid, row in resumed.rows().items():
+        assert (row.topk_ids == full[sid].topk_ids).all()
+        assert np.array_equal(row.topk_logprobs, full[sid].topk_logprobs)
+
+
+def test_other_settings_are_refused_unless_new_cache(ray_local, teacher_dir, demo_dir, tmp_path):
+    run_teacher_pass(_cfg(teacher_dir, demo_dir, tmp_path / "cache"), log=lambda *_: None)
+    other = _cfg(teacher_dir, demo_dir, tmp_path / "cache")
+    other.k = 3
+    with pytest.raises(CacheError, match="extraction"):
+        run_teacher_pass(other, log=lambda *_: None)
+    other.new_cache = True
+    run_teacher_pass(other, log=lambda *_: None)
+    assert TeacherCache(other.output).k == 3
