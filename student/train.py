@@ -53,7 +53,7 @@ class TrainConfig:
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0-2)
     dtype: str = "float32"  # or "bfloat16"
     max_length: int = 256
-    num_workers: int = 0  # data loader worker processes
+    num_workers: int = 1  # data loader processes encoding samples while the step runs
     seed: int = 0
     log_every: int = 50
 
@@ -74,6 +74,10 @@ def setup_distributed() -> tuple[int, int, str]:
                           MASTER_PORT=str(port))
     import deepspeed
 
+    if not cuda and os.environ.get("WORLD_SIZE") == "1":
+        # DeepSpeed compiles a shared-memory all-reduce op for CPU ranks on first use
+        # (~60 s). A single rank never communicates, so mark the op unavailable.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = f"cuda:{local}" if cuda else "cpu"
@@ -165,6 +169,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     for epoch in range(cfg.epochs):
         batches = rank_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                                             prefetch_factor=4 if cfg.num_workers else None,
                                              collate_fn=partial(collate_items, pad_id=processor.tokenizer.pad_token_id))
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
