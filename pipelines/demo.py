@@ -28,19 +28,19 @@ from student.model import LlavaArch
 class DemoConfig:
     workdir: str = "runs/demo"
     seed: int = 0
-    num_train: int = 3000
+    num_train: int = 4000
     num_val: int = 200
     num_test: int = 400
     num_preference: int = 400
     k: int = 16  # top-k kept per supervised token (the demo vocabulary has ~50 entries)
     teacher_arch: LlavaArch = field(default_factory=LlavaArch)
-    teacher_epochs: int = 22
+    teacher_epochs: int = 30
     teacher_lr: float = 5e-4
     student_arch: LlavaArch = field(default_factory=lambda: LlavaArch(
         vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64, text_layers=2, text_heads=2,
         text_intermediate=128))
-    student_subset: int = 1000  # both students train on the same first N (shuffled) samples
-    student_epochs: int = 8
+    student_subset: int = 1500  # both students train on the same first N (shuffled) samples
+    student_epochs: int = 20
     student_lr: float = 2e-3
     batch_size: int = 32
     fresh: bool = False
@@ -81,8 +81,9 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
 
     _step("1/5 data set", marks / "data.json", False, make_data, log)
 
+    # Small data, many epochs: encode each sample once and keep it (no loader processes).
     common = dict(image_root=str(data), processor=str(proc), batch_size=cfg.batch_size, seed=cfg.seed,
-                  log_every=100)
+                  log_every=250, num_workers=0, keep_encoded=True)
     teacher_cfg = TrainConfig(data=str(data / "train.json"), output_dir=str(w / "teacher"), arch=cfg.teacher_arch,
                               epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, **common)
 

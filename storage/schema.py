@@ -44,12 +44,17 @@ def token_digest(input_ids: np.ndarray, image_token_id: int | None) -> str:
     another vision tower can still check that its text tokens are the teacher's (targets
     are aligned by order within their segment, DESIGN invariant 6).
     """
-    ids = np.asarray(input_ids, dtype=np.int64)
-    if image_token_id is not None and len(ids):
-        is_img = ids == image_token_id
-        keep = ~(is_img & np.concatenate([[False], is_img[:-1]]))
-        ids = ids[keep]
+    ids = collapse_image_runs(input_ids, image_token_id)
     return hashlib.sha256(ids.astype("<i4").tobytes()).hexdigest()
+
+
+def collapse_image_runs(input_ids: np.ndarray, image_token_id: int | None) -> np.ndarray:
+    """The sequence with each run of consecutive image tokens replaced by one."""
+    ids = np.asarray(input_ids, dtype=np.int64)
+    if image_token_id is None or not len(ids):
+        return ids
+    is_img = ids == image_token_id
+    return ids[~(is_img & np.concatenate([[False], is_img[:-1]]))]
 
 
 def make_table(rows: list[dict]) -> pa.Table:

@@ -15,7 +15,7 @@ import torch
 from pipelines.preprocess import Encoded, collate, encode_sample, image_token_id
 from pipelines.samples import Sample, load_image
 from storage.reader import CacheRow, TeacherCache
-from storage.schema import CacheError, token_digest
+from storage.schema import CacheError, collapse_image_runs, token_digest
 
 
 class AlignmentError(CacheError):
@@ -33,8 +33,8 @@ def check_alignment(enc: Encoded, row: CacheRow, processor) -> None:
     visual token count may differ) or whose supervised token count differs."""
     img = image_token_id(processor)
     if token_digest(enc.input_ids, img) != row.token_digest:
-        a = _collapse(enc.input_ids, img)
-        b = _collapse(row.input_ids, img)
+        a = collapse_image_runs(enc.input_ids, img)
+        b = collapse_image_runs(row.input_ids, img)
         i = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
         tok = processor.tokenizer
         raise AlignmentError(
@@ -52,12 +52,6 @@ def check_alignment(enc: Encoded, row: CacheRow, processor) -> None:
         )
 
 
-def _collapse(ids: np.ndarray, img: int) -> np.ndarray:
-    ids = np.asarray(ids)
-    is_img = ids == img
-    return ids[~(is_img & np.concatenate([[False], is_img[:-1]]))]
-
-
 class DistillDataset(torch.utils.data.Dataset):
     """Map-style: item i = sample i encoded by the student's processor (+ its cache row).
 
@@ -66,9 +60,12 @@ class DistillDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, samples: list[Sample], processor, image_root: str, max_length: int,
-                 cache: TeacherCache | None = None):
+                 cache: TeacherCache | None = None, keep_encoded: bool = False):
         self.samples, self.processor = samples, processor
         self.image_root, self.max_length = image_root, max_length
+        # keep_encoded: remember each encoded sample after its first use (small data sets
+        # trained for many epochs in one process; pixel values make this costly for large ones)
+        self._encoded: dict[int, Encoded] | None = {} if keep_encoded else None
         self.rows: dict[str, CacheRow] | None = None
         if cache is not None:
             check_cache_compatible(cache, processor)
@@ -86,7 +83,11 @@ class DistillDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Item:
         s = self.samples[i]
-        enc = encode_sample(self.processor, s, load_image(self.image_root, s), self.max_length)
+        enc = self._encoded.get(i) if self._encoded is not None else None
+        if enc is None:
+            enc = encode_sample(self.processor, s, load_image(self.image_root, s), self.max_length)
+            if self._encoded is not None:
+                self._encoded[i] = enc
         row = None
         if self.rows is not None:
             row = self.rows[s.id]

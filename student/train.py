@@ -54,6 +54,7 @@ class TrainConfig:
     dtype: str = "float32"  # or "bfloat16"
     max_length: int = 256
     num_workers: int = 1  # data loader processes encoding samples while the step runs
+    keep_encoded: bool = False  # keep encoded samples in memory (small data, many epochs; needs num_workers=0)
     seed: int = 0
     log_every: int = 50
 
@@ -130,7 +131,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
         random.Random(cfg.seed).shuffle(samples)
         samples = samples[: cfg.subset]
     cache = TeacherCache(cfg.cache) if cfg.cache else None
-    dataset = DistillDataset(samples, processor, cfg.image_root, cfg.max_length, cache)
+    if cfg.keep_encoded and cfg.num_workers:
+        raise ValueError("keep_encoded needs num_workers=0: worker processes cannot hand encodings back")
+    dataset = DistillDataset(samples, processor, cfg.image_root, cfg.max_length, cache, cfg.keep_encoded)
     steps_per_epoch = len(rank_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, 0)) // cfg.grad_accum
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:

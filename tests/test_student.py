@@ -135,3 +135,13 @@ def test_exact_match_equals_greedy_generation(teacher_dir, demo_dir, tmp_path):
     metrics = evaluate(str(tmp_path / "m"), str(demo_dir / "val.json"), str(demo_dir))
     assert right > 0
     assert metrics["accuracy"] == pytest.approx(right / len(samples))
+
+
+def test_kept_encodings_equal_fresh_ones(demo_dir, processor):
+    samples = read_llava(demo_dir / "train.json")[:3]
+    kept = DistillDataset(samples, processor, str(demo_dir), 256, keep_encoded=True)
+    fresh = DistillDataset(samples, processor, str(demo_dir), 256)
+    first = kept[1].encoded
+    assert kept[1].encoded is first  # encoded once, then reused
+    assert (first.input_ids == fresh[1].encoded.input_ids).all()
+    assert np.array_equal(first.pixel_values, fresh[1].encoded.pixel_values)
