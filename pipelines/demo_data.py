@@ -91,14 +91,12 @@ def hallucinated_description(objs: list[Obj], rng: random.Random) -> str:
     from the image, so the sentence names something that is not there."""
     i = rng.randrange(len(objs))
     o = objs[i]
-    if rng.random() < 0.5:
+    absent_shapes = [s for s in SHAPES if s not in {x.shape for x in objs}]
+    if rng.random() < 0.5 or not absent_shapes:  # 6 colours > 4 objects: one is always absent
         absent = [c for c in COLORS if c not in {x.color for x in objs}]
         wrong = Obj(rng.choice(absent), o.shape, o.cell)
     else:
-        absent = [s for s in SHAPES if s not in {x.shape for x in objs}] or [
-            s for s in SHAPES if s != o.shape
-        ]
-        wrong = Obj(o.color, rng.choice(absent), o.cell)
+        wrong = Obj(o.color, rng.choice(absent_shapes), o.cell)
     return describe(objs[:i] + [wrong] + objs[i + 1 :])
 
 
