@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipelines.preprocess import collate, encode_sample, image_token_count
 from pipelines.samples import Sample, load_image, read_llava
@@ -140,7 +141,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             writer.add(table.select(ROW_SCHEMA.names).cast(ROW_SCHEMA))
             n += table.num_rows
-            tokens += sum(len(x) for x in table.column("supervised_positions").to_pylist())
+            tokens += pc.sum(pc.list_value_length(table.column("supervised_positions"))).as_py() or 0
             rate = n / (time.time() - t0)
             log(f"[teacher-pass] {len(done) + n}/{len(samples)} samples  {rate:.1f} samples/s  "
                 f"{tokens / (time.time() - t0):.0f} targets/s  ETA {(len(pending) - n) / rate:.0f}s")
