@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.preprocess import Encoded, collate, encode_sample, image_token_id
+from pipelines.preprocess import IGNORE_INDEX, Encoded, collate, encode_sample, image_token_id
 from pipelines.samples import Sample, load_image
 from storage.reader import CacheRow, TeacherCache
 from storage.schema import CacheError, collapse_image_runs, token_digest
@@ -44,7 +44,7 @@ def check_alignment(enc: Encoded, row: CacheRow, processor) -> None:
             "The targets would be misaligned. Use the teacher's tokenizer, chat template and "
             "max_length for the student, or rebuild the cache with the student's."
         )
-    n_student = int((enc.labels != -100).sum())
+    n_student = int((enc.labels != IGNORE_INDEX).sum())
     if n_student != len(row.supervised_positions):
         raise AlignmentError(
             f"sample {enc.sample_id}: {n_student} supervised tokens for the student but "

@@ -18,6 +18,7 @@ from functools import partial
 
 import torch
 
+from pipelines.preprocess import IGNORE_INDEX
 from pipelines.samples import read_llava
 from storage.reader import TeacherCache
 from student.data import DistillDataset, collate_items
@@ -48,7 +49,7 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
         batch = {k: v.to(device) for k, v in batch.items()}
         logits, targets = rows(batch["input_ids"], batch["attention_mask"], batch["labels"],
                                batch.get("pixel_values"))
-        sample_of_row = torch.nonzero(batch["labels"] != -100, as_tuple=True)[0]
+        sample_of_row = torch.nonzero(batch["labels"] != IGNORE_INDEX, as_tuple=True)[0]
         wrong = torch.zeros(len(idx), dtype=torch.long, device=device)
         wrong.index_add_(0, sample_of_row, (logits.argmax(-1) != targets).long())
         for j, i in enumerate(idx):

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines.preprocess import IGNORE_INDEX
 from pipelines.samples import read_llava
 from storage.reader import TeacherCache
 from student.data import DistillDataset, collate_items, rank_batches
@@ -98,7 +99,7 @@ class SupervisedRows(torch.nn.Module):
     def forward(self, input_ids, attention_mask, labels, pixel_values=None):
         hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask,
                                   pixel_values=pixel_values, use_cache=False).last_hidden_state
-        b, t = torch.nonzero(labels != -100, as_tuple=True)
+        b, t = torch.nonzero(labels != IGNORE_INDEX, as_tuple=True)
         logits = self.model.get_output_embeddings()(hidden[b, t - 1])
         return logits, labels[b, t]
 
