@@ -50,3 +50,25 @@ def test_missing_settings_and_bad_caches_fail_clearly(tmp_path, capsys):
         main(["teacher-pass", "--data", "x.json"])
     assert main(["cache", "inspect", str(tmp_path)]) == 2
     assert "no manifest" in capsys.readouterr().err
+
+
+def test_cache_verify_exit_status_names_the_bad_shard(tmp_path, capsys):
+    import numpy as np
+
+    from storage.manifest import Manifest
+    from storage.schema import make_table
+    from storage.writer import CacheWriter
+
+    m = Manifest(teacher={"path": "t", "weights_sha256": "0", "dtype": "float32"}, processor={}, vocab_size=10,
+                 extraction={"k": 2, "temperature": 1.0, "record_kinds": ["response_topk"]})
+    w = CacheWriter(tmp_path, m)
+    w.add(make_table([{"sample_id": "a", "token_digest": "d", "input_ids": np.arange(4), "supervised_positions": [3],
+                       "topk_ids": [[1, 2]], "topk_logprobs": [[-0.1, -2.5]], "leftover": [0.01]}]))
+    manifest = w.close(complete=True)
+    assert main(["cache", "verify", str(tmp_path)]) == 0
+    shard = tmp_path / manifest.shards[0].file
+    data = bytearray(shard.read_bytes())
+    data[20] ^= 1
+    shard.write_bytes(bytes(data))
+    assert main(["cache", "verify", str(tmp_path)]) == 1
+    assert manifest.shards[0].file in capsys.readouterr().err
