@@ -96,17 +96,22 @@ def open_writer(cfg: TeacherPassConfig, fresh: Manifest) -> CacheWriter:
     made with others unless cfg.new_cache."""
     out = Path(cfg.output)
     if (out / "manifest.json").exists():
-        old = Manifest.load(out)
-        if old.settings() == fresh.settings():
+        try:
+            old = Manifest.load(out)
+        except CacheError:
+            if not cfg.new_cache:
+                raise
+            old = None
+        if old is not None and old.settings() == fresh.settings():
             return CacheWriter(out, old, cfg.rows_per_shard)
-        if not cfg.new_cache:
+        if old is not None and not cfg.new_cache:
             diff = [k for k in fresh.settings() if fresh.settings()[k] != old.settings()[k]]
             raise CacheError(
                 f"{out}: holds a cache made with other settings ({', '.join(diff)} differ); "
                 "choose another output folder or pass --new-cache to replace it"
             )
-        for s in old.shards:
-            (out / s.file).unlink(missing_ok=True)
+    # A fresh manifest lists no shards: the writer, once it holds the folder's lock,
+    # deletes every shard file there (so a live writer's shards are never touched).
     return CacheWriter(out, fresh, cfg.rows_per_shard)
 
 
@@ -146,7 +151,8 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
             log(f"[teacher-pass] {len(done) + n}/{len(samples)} samples  {rate:.1f} samples/s  "
                 f"{tokens / (time.time() - t0):.0f} targets/s  ETA {(len(pending) - n) / rate:.0f}s")
     writer.flush()
-    manifest = writer.close(complete=writer.manifest.num_rows == len(samples))
+    committed = {sid for s in writer.manifest.shards for sid in s.sample_ids}
+    manifest = writer.close(complete=all(s.id in committed for s in samples))
     size = sum(s.bytes for s in manifest.shards)
     log(f"[teacher-pass] done: {manifest.num_rows} rows in {len(manifest.shards)} shards, {size / 1e6:.2f} MB "
         f"-> {cfg.output}")

@@ -123,6 +123,9 @@ def decode_rows(table: pa.Table, k: int) -> list[CacheRow]:
             v, o = cols[name]
             return v[o[r]:o[r + 1]]
         n = len(get("supervised_positions"))
+        if len(get("topk_ids")) != n * k or len(get("topk_logprobs")) != n * k or len(get("leftover")) != n:
+            raise CacheError(f"sample {sid}: {n} supervised positions but {len(get('topk_ids'))} top-k ids, "
+                             f"{len(get('leftover'))} leftover values (k={k} in the manifest); the row is malformed")
         out.append(CacheRow(
             sample_id=sid,
             token_digest=digests[r],

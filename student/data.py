@@ -41,8 +41,8 @@ def check_alignment(enc: Encoded, row: CacheRow, processor) -> None:
             f"sample {enc.sample_id}: the student's token sequence differs from the teacher's in "
             f"the cache at text token {i} (student {tok.convert_ids_to_tokens(a[i:i + 5].tolist())} "
             f"vs cache {tok.convert_ids_to_tokens(b[i:i + 5].tolist())}; lengths {len(a)} vs {len(b)}). "
-            "The targets would be misaligned. Use the teacher's tokenizer, chat template and "
-            "max_length for the student, or rebuild the cache with the student's."
+            "The targets would be misaligned. Use the teacher's tokenizer and chat template for "
+            "the student (and the data the cache was made from), or rebuild the cache."
         )
     n_student = int((enc.labels != IGNORE_INDEX).sum())
     if n_student != len(row.supervised_positions):
@@ -67,9 +67,12 @@ class DistillDataset(torch.utils.data.Dataset):
         # trained for many epochs in one process; pixel values make this costly for large ones)
         self._encoded: dict[int, Encoded] | None = {} if keep_encoded else None
         self.rows: dict[str, CacheRow] | None = None
+        self.max_target_id: int | None = None
         if cache is not None:
             check_cache_compatible(cache, processor)
             self.rows = cache.rows()
+            self.max_target_id = max((int(r.topk_ids.max()) for r in self.rows.values() if r.topk_ids.size),
+                                     default=None)
             missing = [s.id for s in samples if s.id not in self.rows]
             if missing:
                 raise CacheError(
@@ -96,8 +99,8 @@ class DistillDataset(torch.utils.data.Dataset):
 
 
 def check_cache_compatible(cache: TeacherCache, processor) -> None:
-    """Settings the student cannot honour: a different image token, or cached ids beyond
-    the student's vocabulary."""
+    """Settings the student cannot honour: a different image token, or targets at a
+    temperature other than 1 (the losses compare them with the student's own softmax)."""
     m = cache.manifest
     img = image_token_id(processor)
     if m.processor.get("image_token_id") != img:
@@ -105,10 +108,22 @@ def check_cache_compatible(cache: TeacherCache, processor) -> None:
             f"{cache.dir}: the cache's image token id is {m.processor.get('image_token_id')}, the "
             f"student's is {img}; the student must use the teacher's tokenizer"
         )
-    if m.vocab_size > len(processor.tokenizer):
+    if float(m.extraction.get("temperature", 1.0)) != 1.0:
         raise CacheError(
-            f"{cache.dir}: teacher vocabulary {m.vocab_size} > student tokenizer's {len(processor.tokenizer)}; "
-            "cached ids could fall outside the student's vocabulary"
+            f"{cache.dir}: targets were extracted at temperature {m.extraction['temperature']}; this "
+            "trainer distils at temperature 1. Re-run the teacher pass with --temperature 1"
+        )
+
+
+def check_student_vocab(dataset: "DistillDataset", model) -> None:
+    """Every cached target id must index the student's output head."""
+    if dataset.max_target_id is None:
+        return
+    width = model.get_output_embeddings().out_features
+    if dataset.max_target_id >= width:
+        raise CacheError(
+            f"the cache holds token id {dataset.max_target_id} but the student's output head has "
+            f"{width} entries; the student must share the teacher's vocabulary"
         )
 
 

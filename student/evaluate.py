@@ -21,7 +21,7 @@ import torch
 from pipelines.preprocess import IGNORE_INDEX
 from pipelines.samples import read_llava
 from storage.reader import TeacherCache
-from student.data import DistillDataset, collate_items
+from student.data import DistillDataset, check_student_vocab, collate_items
 from student.losses import sparse_forward_kl
 from student.model import load_model
 from student.train import SupervisedRows
@@ -39,6 +39,7 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
     processor = AutoProcessor.from_pretrained(model_path)
     samples = read_llava(data)
     dataset = DistillDataset(samples, processor, image_root, max_length, TeacherCache(cache) if cache else None)
+    check_student_vocab(dataset, model)
     rows = SupervisedRows(model)
     correct, per_task, per_task_n = 0, Counter(), Counter()
     kl_sum, tokens = 0.0, 0

@@ -25,7 +25,7 @@ import torch
 from pipelines.preprocess import IGNORE_INDEX
 from pipelines.samples import read_llava
 from storage.reader import TeacherCache
-from student.data import DistillDataset, collate_items, rank_batches
+from student.data import DistillDataset, check_student_vocab, collate_items, rank_batches
 from student.losses import LEFTOVER_MODES, cross_entropy, sparse_forward_kl
 from student.model import LlavaArch, build_llava
 
@@ -147,6 +147,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         model = load_model(cfg.init_from)
     else:
         model = build_llava(cfg.arch, processor, seed=cfg.seed)
+    check_student_vocab(dataset, model)
     n_params = sum(p.numel() for p in model.parameters())
     wrapped = SupervisedRows(model)
     optimizer = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

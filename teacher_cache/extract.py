@@ -29,7 +29,8 @@ def final_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 @torch.no_grad()
 def topk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, k: int, temperature: float = 1.0,
                   chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-k of log_softmax(head(hidden) / temperature) for rows hidden [N, d].
+    """Top-k of log_softmax(head(hidden) / temperature) for rows hidden [N, d]; head is a
+    linear output layer, applied in fp32 whatever the model dtype.
 
     Returns ids int64 [N, k], logprobs float32 [N, k] (descending), and leftover float32
     [N] = the probability mass outside the top k, computed as exp(logsumexp over the other
@@ -37,8 +38,11 @@ def topk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, k: int, temperatu
     probs) would cancel to 0 in float32).
     """
     ids, vals, rest = [], [], []
+    # The head itself runs in fp32: in bf16, logits near 20 would round to steps of 0.125.
+    weight = head.weight.float()
+    bias = head.bias.float() if getattr(head, "bias", None) is not None else None
     for start in range(0, hidden.shape[0], chunk_rows):
-        logits = head(hidden[start:start + chunk_rows]).float()
+        logits = torch.nn.functional.linear(hidden[start:start + chunk_rows].float(), weight, bias)
         if temperature != 1.0:
             logits = logits / temperature
         lse = torch.logsumexp(logits, dim=-1)

@@ -115,3 +115,21 @@ def test_schema_mismatch_is_refused(tmp_path):
     t = make_table(_rows(["a"])).drop_columns(["leftover"])
     with pytest.raises(CacheError, match="schema"):
         w.add(t)
+
+
+def test_new_cache_never_deletes_a_live_writers_shards(tmp_path):
+    from pipelines.teacher_pass import TeacherPassConfig, open_writer
+
+    _write(tmp_path, ["a", "b", "c", "d", "e"])
+    files = sorted(p.name for p in tmp_path.glob("shard-*"))
+    live = CacheWriter(tmp_path, Manifest.load(tmp_path))  # a pass still running here
+    other = _manifest(k=7)
+    cfg = TeacherPassConfig(output=str(tmp_path), new_cache=True)
+    with pytest.raises(CacheError, match="another process"):
+        open_writer(cfg, other)
+    assert sorted(p.name for p in tmp_path.glob("shard-*")) == files
+    live.close(complete=True)
+    open_writer(cfg, other).close(complete=False)  # now it may replace the cache
+    assert not list(tmp_path.glob("shard-*")) and Manifest.load(tmp_path).k == 7
+    with pytest.raises(CacheError, match="other settings.*--new-cache"):
+        open_writer(TeacherPassConfig(output=str(tmp_path)), _manifest(k=3))
