@@ -70,10 +70,6 @@ def from_dict(cls, data: dict, where: str = ""):
     return cls(**kwargs)
 
 
-def to_dict(obj) -> dict:
-    return dataclasses.asdict(obj)
-
-
 def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
     """One flag per (nested) field; defaults are left to the dataclass (SUPPRESS)."""
     hints = typing.get_type_hints(cls)
