@@ -67,11 +67,29 @@ def cmd_cache_inspect(args) -> int:
 def cmd_cache_verify(args) -> int:
     from storage.reader import TeacherCache
 
-    problems = TeacherCache(args.path).verify()
+    problems = TeacherCache(args.path, check=False).verify()
     for p in problems:
         print(p, file=sys.stderr)
     print("ok" if not problems else f"{len(problems)} problem(s)")
     return 1 if problems else 0
+
+
+def cmd_cache_merge(args) -> int:
+    from storage.ops import merge_caches
+
+    m = merge_caches(args.inputs, args.output)
+    print(f"merged {len(args.inputs)} caches: {m.num_rows} samples in {len(m.shards)} shards -> {args.output}")
+    return 0
+
+
+def cmd_cache_subset(args) -> int:
+    from storage.ops import subset_cache
+
+    with open(args.ids) as f:
+        ids = [line.strip() for line in f if line.strip()]
+    m = subset_cache(args.input, args.output, ids)
+    print(f"subset: {m.num_rows} samples in {len(m.shards)} shards -> {args.output}")
+    return 0
 
 
 def _require(cfg, *names) -> None:
@@ -111,15 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="also write the metrics JSON here")
     ev.set_defaults(func=cmd_eval)
 
-    cache = sub.add_parser("cache", help="Inspect or verify a teacher cache.")
+    cache = sub.add_parser("cache", help="Inspect, verify, merge or subset teacher caches.")
     csub = cache.add_subparsers(dest="cache_command", required=True)
     ins = csub.add_parser("inspect", help="Manifest summary, sizes, bytes per token, teacher statistics.")
     ins.add_argument("path")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.set_defaults(func=cmd_cache_inspect)
-    ver = csub.add_parser("verify", help="Check checksums, schema, row counts, duplicate samples.")
+    ver = csub.add_parser("verify", help="Check checksums, schema, row counts, decoding, duplicate samples; "
+                                         "exit status 1 naming the offending files.")
     ver.add_argument("path")
     ver.set_defaults(func=cmd_cache_verify)
+    mer = csub.add_parser("merge", help="Join caches made with identical settings into a new cache.")
+    mer.add_argument("output", help="new cache folder (or fsspec URL)")
+    mer.add_argument("inputs", nargs="+", help="caches to join (no sample may appear in two)")
+    mer.set_defaults(func=cmd_cache_merge)
+    sbs = csub.add_parser("subset", help="Write a new cache holding only the listed samples.")
+    sbs.add_argument("input")
+    sbs.add_argument("output")
+    sbs.add_argument("--ids", required=True, help="text file with one sample id per line")
+    sbs.set_defaults(func=cmd_cache_subset)
     return p
 
 

@@ -13,16 +13,17 @@ from __future__ import annotations
 
 import os
 import time
+import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.preprocess import collate, encode_sample, image_token_count
 from pipelines.samples import Sample, load_image, read_llava
-from storage.manifest import Manifest
-from storage.schema import ROW_SCHEMA, CacheError
+from storage.fs import join, open_fs
+from storage.manifest import MANIFEST_NAME, Manifest
+from storage.schema import MODES, RAW_SCHEMA, CacheError
 from storage.writer import CacheWriter
 
 
@@ -31,15 +32,18 @@ class TeacherPassConfig:
     teacher: str = ""  # Hugging Face model folder of the teacher (weights + processor)
     data: str = ""  # LLaVA conversation JSON/JSONL
     image_root: str = ""  # folder the samples' image paths are relative to
-    output: str = ""  # cache folder to create or resume
-    k: int = 64  # top-k entries kept per supervised position
+    output: str = ""  # cache folder (or fsspec URL) to create or resume
+    mode: str = "topk"  # "topk": k most probable ids; "sampled": ids drawn from the teacher
+    k: int = 64  # top-k entries kept per supervised position (mode topk)
+    draws: int = 32  # ids drawn per supervised position (mode sampled; at most 255)
+    seed: int = 0  # sampling seed (mode sampled); each batch's draws depend on its sample ids
     temperature: float = 1.0
     dtype: str = "float32"  # teacher dtype: float32, bfloat16, float16
     device: str = "auto"  # "auto" = CUDA when present, else CPU
     batch_size: int = 16  # samples per teacher forward
     num_workers: int = 1  # teacher actors in the pool
     num_gpus_per_worker: float = -1  # -1 = 1 when CUDA is present, else 0
-    rows_per_shard: int = 1024
+    rows_per_shard: int = 512
     max_length: int = 2048
     address: str | None = None  # Ray cluster address ("auto", "ray://..."); None = local Ray
     new_cache: bool = False  # replace a cache in `output` made with other settings
@@ -60,6 +64,8 @@ class TeacherWorker:
         self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
 
     def __call__(self, batch: dict) -> pa.Table:
+        import torch
+
         from teacher_cache.extract import extract_rows, to_device
 
         samples = [Sample.from_json(s) for s in batch["sample"]]
@@ -67,8 +73,12 @@ class TeacherWorker:
                    for s in samples]
         arrays = collate(encoded, self.processor.tokenizer.pad_token_id)
         tensors = to_device(arrays, self.device, self.model.dtype)
-        return extract_rows(self.model, tensors, [s.id for s in samples], self.cfg.k, self.cfg.temperature,
-                            self.image_token_id)
+        ids = [s.id for s in samples]
+        gen = None
+        if self.cfg.mode == "sampled":  # draws depend on the seed and the batch's samples, not on timing
+            gen = torch.Generator(self.device).manual_seed(zlib.crc32(f"{self.cfg.seed}|{'|'.join(ids)}".encode()))
+        return extract_rows(self.model, tensors, ids, self.image_token_id, self.cfg.mode, self.cfg.k,
+                            self.cfg.draws, self.cfg.temperature, gen)
 
 
 def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
@@ -78,13 +88,18 @@ def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
 
     processor = AutoProcessor.from_pretrained(cfg.teacher)
     vocab = AutoConfig.from_pretrained(cfg.teacher).get_text_config().vocab_size
-    if cfg.k > vocab:
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode {cfg.mode!r}: choose one of {MODES}")
+    if cfg.mode == "topk" and cfg.k > vocab:
         raise ValueError(f"k={cfg.k} is larger than the teacher's vocabulary ({vocab})")
+    if cfg.mode == "sampled" and not 1 <= cfg.draws <= 255:
+        raise ValueError(f"draws={cfg.draws}: use 1 to 255 draws per position")
+    width = {"k": cfg.k} if cfg.mode == "topk" else {"draws": cfg.draws, "seed": cfg.seed}
     return Manifest(
         teacher=teacher_description(cfg.teacher, cfg.dtype),
         processor=processor_description(processor, image_token_count(processor)),
         vocab_size=vocab,
-        extraction={"k": cfg.k, "temperature": cfg.temperature, "record_kinds": ["response_topk"],
+        extraction={"mode": cfg.mode, **width, "temperature": cfg.temperature, "record_kinds": ["response"],
                     "positions": "supervised tokens, shifted (logits at t-1 for the token at t)",
                     "max_length": cfg.max_length},
         inputs={"data": str(cfg.data), "num_samples": num_samples},
@@ -94,8 +109,9 @@ def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
 def open_writer(cfg: TeacherPassConfig, fresh: Manifest) -> CacheWriter:
     """A writer on cfg.output: resumes a cache made with the same settings, refuses one
     made with others unless cfg.new_cache."""
-    out = Path(cfg.output)
-    if (out / "manifest.json").exists():
+    out = cfg.output
+    fs, root = open_fs(out)
+    if fs.exists(join(root, MANIFEST_NAME)):
         try:
             old = Manifest.load(out)
         except CacheError:
@@ -144,9 +160,9 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
                             batch_format="numpy")
         t0, n, tokens = time.time(), 0, 0
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            writer.add(table.select(ROW_SCHEMA.names).cast(ROW_SCHEMA))
+            writer.add(table.select(RAW_SCHEMA.names).cast(RAW_SCHEMA))
             n += table.num_rows
-            tokens += pc.sum(pc.list_value_length(table.column("supervised_positions"))).as_py() or 0
+            tokens += pc.sum(pc.list_value_length(table.column("response_positions"))).as_py() or 0
             rate = n / (time.time() - t0)
             log(f"[teacher-pass] {len(done) + n}/{len(samples)} samples  {rate:.1f} samples/s  "
                 f"{tokens / (time.time() - t0):.0f} targets/s  ETA {(len(pending) - n) / rate:.0f}s")
@@ -154,6 +170,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
     committed = {sid for s in writer.manifest.shards for sid in s.sample_ids}
     manifest = writer.close(complete=all(s.id in committed for s in samples))
     size = sum(s.bytes for s in manifest.shards)
-    log(f"[teacher-pass] done: {manifest.num_rows} rows in {len(manifest.shards)} shards, {size / 1e6:.2f} MB "
-        f"-> {cfg.output}")
+    targets = sum(s.targets for s in manifest.shards)
+    log(f"[teacher-pass] done: {manifest.num_rows} rows in {len(manifest.shards)} shards, {size / 1e6:.2f} MB, "
+        f"{size / max(1, targets):.1f} bytes per target token -> {cfg.output}")
     return manifest

@@ -8,13 +8,13 @@ JSON only: loading a cache never executes code.
 from __future__ import annotations
 
 import json
-import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from pathlib import Path
 
-from storage.schema import SCHEMA_VERSION, CacheError
+from storage.fs import join, open_fs, write_atomic
+from storage.schema import MODES, RECORD_KINDS, SCHEMA_VERSION, CacheError
+from storage.tables import CodecSettings, TargetSettings
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "mmkd-teacher-cache"
@@ -27,6 +27,7 @@ class ShardInfo:
     bytes: int
     sha256: str
     sample_ids: list[str]
+    targets: int = 0  # response + visual target positions in the shard
 
 
 @dataclass
@@ -35,13 +36,15 @@ class Manifest:
 
     teacher: {"path", "weights_sha256", "dtype"}; processor: {"tokenizer_sha256",
     "chat_template_sha256", "image_processor_sha256", "image_token_id",
-    "num_visual_tokens"}; extraction: {"k", "temperature", "record_kinds", "positions"}.
+    "num_visual_tokens"}; extraction: {"mode", "k", "draws", "temperature",
+    "record_kinds", "positions", "max_length"}; codec: CodecSettings as a dict.
     """
 
     teacher: dict
     processor: dict
     vocab_size: int
     extraction: dict
+    codec: dict = field(default_factory=lambda: asdict(CodecSettings()))
     inputs: dict = field(default_factory=dict)
     shards: list[ShardInfo] = field(default_factory=list)
     complete: bool = False
@@ -55,39 +58,51 @@ class Manifest:
         return int(self.extraction["k"])
 
     @property
+    def mode(self) -> str:
+        return self.extraction.get("mode", "topk")
+
+    @property
+    def record_kinds(self) -> list[str]:
+        return list(self.extraction["record_kinds"])
+
+    @property
     def num_rows(self) -> int:
         return sum(s.rows for s in self.shards)
+
+    def target_settings(self) -> TargetSettings:
+        """What the codec needs to decode this cache's shards."""
+        width = self.k if self.mode == "topk" else int(self.extraction["draws"])
+        return TargetSettings(self.vocab_size, self.mode, width, CodecSettings(**self.codec))
 
     def settings(self) -> dict:
         """Everything that defines the cache's contents (not its progress): two passes
         with equal settings make interchangeable rows."""
         return {
-            "teacher": self.teacher,
+            # where the teacher was loaded from does not change its outputs; its weights do
+            "teacher": {k: v for k, v in self.teacher.items() if k != "path"},
             "processor": self.processor,
             "vocab_size": self.vocab_size,
             "extraction": self.extraction,
+            "codec": self.codec,
             "schema_version": self.schema_version,
         }
 
-    def save(self, cache_dir: str | Path) -> None:
-        path = Path(cache_dir) / MANIFEST_NAME
-        tmp = path.with_name(f".{MANIFEST_NAME}.{uuid.uuid4().hex[:8]}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(asdict(self), f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+    def save(self, cache_dir: str) -> None:
+        fs, root = open_fs(cache_dir)
+        write_atomic(fs, join(root, MANIFEST_NAME), json.dumps(asdict(self), indent=1).encode())
 
     @classmethod
-    def load(cls, cache_dir: str | Path) -> "Manifest":
-        path = Path(cache_dir) / MANIFEST_NAME
-        if not path.exists():
+    def load(cls, cache_dir: str) -> "Manifest":
+        fs, root = open_fs(cache_dir)
+        path = join(root, MANIFEST_NAME)
+        if not fs.exists(path):
             raise CacheError(f"{path}: no manifest; is {cache_dir} a teacher cache (mmkd teacher-pass output)?")
         try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
+            d = json.loads(fs.cat_file(path))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CacheError(f"{path}: not valid JSON ({e}); the manifest was damaged or edited") from e
+        if not isinstance(d, dict):
+            raise CacheError(f"{path}: not a manifest object; the manifest was damaged or edited")
         if d.get("format") != FORMAT_NAME:
             raise CacheError(f"{path}: format is {d.get('format')!r}, expected {FORMAT_NAME!r}")
         major = str(d.get("schema_version", "")).split(".")[0]
@@ -98,14 +113,24 @@ class Manifest:
             )
         try:
             d["shards"] = [ShardInfo(**s) for s in d.get("shards", [])]
-            return cls(**d)
-        except TypeError as e:
-            raise CacheError(f"{path}: unexpected manifest fields ({e})") from e
+            m = cls(**d)
+            m.check()
+            return m
+        except (TypeError, KeyError, ValueError) as e:
+            raise CacheError(f"{path}: unexpected or missing manifest fields ({e}); the manifest was "
+                             "damaged or edited by hand") from e
 
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    def check(self) -> None:
+        """Raise ValueError when the fields contradict each other (a hand-edited manifest)."""
+        if self.mode not in MODES:
+            raise ValueError(f"extraction.mode {self.mode!r} is not one of {MODES}")
+        bad = [k for k in self.record_kinds if k not in RECORD_KINDS]
+        if bad:
+            raise ValueError(f"unknown record kinds {bad}")
+        self.target_settings()
+        names = [s.file for s in self.shards]
+        if len(set(names)) != len(names):
+            raise ValueError("a shard is listed twice")
+        for s in self.shards:
+            if len(s.sample_ids) != s.rows or "/" in s.file:
+                raise ValueError(f"shard {s.file}: {len(s.sample_ids)} sample ids for {s.rows} rows")

@@ -1,40 +1,119 @@
-"""The cache's row schema (version 1) and the sequence digest that checks alignment.
+"""What a cache row holds (decoded), the two Arrow schemas, and the sequence digest.
 
 One row per sample. Positions are indices into ``input_ids`` (the teacher's sequence with
-image placeholders expanded). For the i-th supervised token, at position
-``supervised_positions[i] = t``, the teacher's target is its next-token distribution from
-the logits at ``t - 1`` (shifted, like the CE label); its top-k entries are
-``topk_ids[i*k:(i+1)*k]`` / ``topk_logprobs[i*k:(i+1)*k]`` in descending order, and
-``leftover[i]`` is the probability mass outside them. Log-probs are natural-log
-probabilities (nats) of the teacher's softmax at the manifest's temperature.
+image placeholders expanded). Record kinds (a cache holds any subset; the manifest says
+which):
 
-Flat lists keep decoding to a single numpy view per column; ``k`` lives in the manifest.
+- ``response``: targets for the supervised tokens. For the token at position t (listed in
+  ``positions``) the target is the teacher's next-token distribution from the logits at
+  t - 1 (shifted, like the CE label).
+- ``visual``: targets AT the visual (image-token) positions: the distribution of the logits
+  at t itself (unshifted, as in LLaVA-KD's MDist).
+- ``relation``: R = Z Z^T over the raw final logits Z at the visual positions, normalised.
+- ``preference``: the teacher's log-probabilities of a chosen and a rejected answer
+  (summed and per token), the reference of DPO / KTO.
+
+Token targets come in one of two modes (manifest ``extraction.mode``): ``topk`` (the k most
+probable ids, their log-probs, and the leftover mass outside them) or ``sampled`` (ids drawn
+from the teacher's distribution with replacement, with their counts: count / draws is an
+unbiased estimate of the teacher's probability, the Sparse Logit Sampling estimator).
+
+Two Arrow schemas: RAW_SCHEMA carries exact values from the teacher workers to the writer
+(nothing is quantised in flight); STORED_SCHEMA is what shards hold (storage.tables encodes
+one into the other with storage.codec). Log-probs are natural logs (nats).
 """
 
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 SCHEMA_VERSION = "1.0"  # major.minor: a reader refuses a newer major version
-
-ROW_SCHEMA = pa.schema(
-    [
-        pa.field("sample_id", pa.string(), nullable=False),
-        pa.field("token_digest", pa.string(), nullable=False),
-        pa.field("input_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("supervised_positions", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk_ids", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk_logprobs", pa.list_(pa.float16()), nullable=False),
-        pa.field("leftover", pa.list_(pa.float32()), nullable=False),
-    ]
-)
+TOKEN_KINDS = ("response", "visual")
+RECORD_KINDS = ("response", "visual", "relation", "preference")
+MODES = ("topk", "sampled")
 
 
 class CacheError(RuntimeError):
     """A cache that cannot be read or used as asked; the message names the file and fix."""
+
+
+@dataclass
+class TokenTargets:
+    """The teacher's targets at n positions of one segment (response or visual).
+
+    positions int64 [n]; ids int64 [n, w]. Top-k mode: w = k, logprobs float32 [n, k],
+    leftover float32 [n] (probability mass outside the k ids). Sampled mode: w = draws,
+    counts int32 [n, w] (how often each id was drawn; padding entries have count 0).
+    The entries of a row are a set: their order carries no meaning (sort by logprobs for
+    ranks).
+    """
+
+    positions: np.ndarray
+    ids: np.ndarray
+    logprobs: np.ndarray | None = None
+    leftover: np.ndarray | None = None
+    counts: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+
+@dataclass
+class Preference:
+    """Teacher log-probs of the chosen (this row's input_ids) and rejected answers."""
+
+    chosen_logprob: float
+    rejected_logprob: float
+    chosen_token_logprobs: np.ndarray  # float32 [answer tokens]
+    rejected_token_logprobs: np.ndarray
+    rejected_token_digest: str
+
+
+@dataclass
+class CacheRow:
+    """One sample's record, decoded. Fields of kinds the cache does not hold are None."""
+
+    sample_id: str
+    token_digest: str
+    input_ids: np.ndarray
+    response: TokenTargets | None = None
+    visual: TokenTargets | None = None
+    relation: np.ndarray | None = None  # float32 [nv, nv], R / ||R||_F
+    preference: Preference | None = None
+
+
+def _token_fields(kind: str, raw: bool) -> list[pa.Field]:
+    if raw:  # exact values, flat row-major
+        return [pa.field(f"{kind}_positions", pa.list_(pa.int32())),
+                pa.field(f"{kind}_ids", pa.list_(pa.int32())),
+                pa.field(f"{kind}_logprobs", pa.list_(pa.float32())),
+                pa.field(f"{kind}_leftover", pa.list_(pa.float32())),
+                pa.field(f"{kind}_counts", pa.list_(pa.int32()))]
+    return [pa.field(f"{kind}_positions", pa.list_(pa.int32())),
+            *[pa.field(f"{kind}_ids_{p}", pa.binary()) for p in range(3)],
+            pa.field(f"{kind}_values", pa.binary()),
+            pa.field(f"{kind}_leftover", pa.binary()),
+            pa.field(f"{kind}_counts", pa.binary()),
+            pa.field(f"{kind}_set_sizes", pa.binary())]
+
+
+_COMMON = [pa.field("sample_id", pa.string(), nullable=False),
+           pa.field("token_digest", pa.string(), nullable=False),
+           pa.field("input_ids", pa.list_(pa.int32()), nullable=False)]
+_OTHER = [pa.field("relation", pa.binary()),
+          pa.field("relation_size", pa.int32()),
+          pa.field("chosen_logprob", pa.float64()),
+          pa.field("rejected_logprob", pa.float64()),
+          pa.field("chosen_token_logprobs", pa.list_(pa.float32())),
+          pa.field("rejected_token_logprobs", pa.list_(pa.float32())),
+          pa.field("rejected_token_digest", pa.string())]
+
+RAW_SCHEMA = pa.schema(_COMMON + [f for k in TOKEN_KINDS for f in _token_fields(k, True)] + _OTHER)
+STORED_SCHEMA = pa.schema(_COMMON + [f for k in TOKEN_KINDS for f in _token_fields(k, False)] + _OTHER)
 
 
 def token_digest(input_ids: np.ndarray, image_token_id: int | None) -> str:
@@ -55,20 +134,3 @@ def collapse_image_runs(input_ids: np.ndarray, image_token_id: int | None) -> np
         return ids
     is_img = ids == image_token_id
     return ids[~(is_img & np.concatenate([[False], is_img[:-1]]))]
-
-
-def make_table(rows: list[dict]) -> pa.Table:
-    """Rows (dicts of numpy arrays / str, keys = ROW_SCHEMA names) -> an Arrow table with
-    exactly ROW_SCHEMA's types."""
-    cols = {}
-    for f in ROW_SCHEMA:
-        vals = [r[f.name] for r in rows]
-        if pa.types.is_list(f.type):
-            dt = f.type.value_type.to_pandas_dtype()
-            flat = np.concatenate([np.asarray(v, dtype=dt).ravel() for v in vals]) if vals else np.zeros(0, dt)
-            offsets = np.zeros(len(vals) + 1, dtype=np.int32)
-            np.cumsum([np.asarray(v).size for v in vals], out=offsets[1:])
-            cols[f.name] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat, type=f.type.value_type))
-        else:
-            cols[f.name] = pa.array(vals, type=f.type)
-    return pa.table(cols, schema=ROW_SCHEMA)

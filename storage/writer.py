@@ -1,73 +1,98 @@
 """Crash-safe shard writing: a shard is either committed (in the manifest) or invisible.
 
-Commit order: write ``.shard-*.tmp``, fsync, rename to ``shard-*.parquet``, then list it in
-the manifest (atomic rewrite). A crash before the manifest rewrite leaves an unlisted file
-that readers never see and the next writer deletes. One writer per cache folder at a time,
-enforced with an OS lock that dies with its process (so kill -9 leaves no stale lock).
+Commit order: encode the buffered rows, write ``.shard-*.tmp``, fsync, rename to
+``shard-*.parquet``, then list it in the manifest (atomic rewrite). A crash before the
+manifest rewrite leaves an unlisted file that readers never see and the next writer
+deletes. One writer per cache folder at a time, enforced on local disks with an OS lock
+that dies with its process (so kill -9 leaves no stale lock). On object stores (s3://,
+gs://) there is no lock: run one teacher-pass driver per cache (it is the only writer).
 """
 
 from __future__ import annotations
 
 import fcntl
 import hashlib
+import io
 import os
 import uuid
-from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from storage.fs import is_local, join, open_fs
 from storage.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from storage.schema import ROW_SCHEMA, CacheError
+from storage.schema import RAW_SCHEMA, TOKEN_KINDS, CacheError
+from storage.tables import encode_raw
 
 LOCK_NAME = ".writer.lock"
 
 
-def file_sha256(path: str | Path) -> str:
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(fs, path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def encode_parquet(table: pa.Table, compression: str, level: int, row_group_rows: int = 128) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=compression, compression_level=level, row_group_size=row_group_rows)
+    return buf.getvalue()
+
+
+def count_targets(table: pa.Table) -> int:
+    """Response + visual target positions in a STORED (or RAW) table."""
+    return sum(int(pc.sum(pc.list_value_length(table.column(f"{k}_positions"))).as_py() or 0) for k in TOKEN_KINDS)
 
 
 class CacheWriter:
     """Appends rows to a cache folder in committed shards.
 
     Open with a fresh Manifest (new cache) or the one on disk (resume: its settings must
-    equal the new ones, checked by the caller). ``add`` buffers Arrow tables of ROW_SCHEMA
-    and commits a shard every ``rows_per_shard`` rows; ``close(complete)`` commits the rest.
+    equal the new ones, checked by the caller). ``add`` buffers RAW_SCHEMA tables (exact
+    values) and commits a shard every ``rows_per_shard`` rows; ``close(complete)`` commits
+    the rest. Encoding happens at commit, per shard (the id codec's vocabulary order is
+    learned from the shard's own targets).
     """
 
-    def __init__(self, cache_dir: str | Path, manifest: Manifest, rows_per_shard: int = 1024,
-                 compression_level: int = 3):
-        self.dir = Path(cache_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self._lock = open(self.dir / LOCK_NAME, "w")
-        try:
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.close()
-            raise CacheError(f"{self.dir}: another process is writing this cache; wait for it or use another folder")
+    def __init__(self, cache_dir: str, manifest: Manifest, rows_per_shard: int = 512, row_group_rows: int = 128):
+        self.path = str(cache_dir)
+        self.fs, self.root = open_fs(cache_dir)
+        self.fs.makedirs(self.root, exist_ok=True)
+        self._lock = None
+        if is_local(self.fs):
+            self._lock = open(join(self.root, LOCK_NAME), "w")
+            try:
+                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                self._lock.close()
+                raise CacheError(f"{self.path}: another process is writing this cache; wait for it or use another folder")
         self.manifest = manifest
-        self.rows_per_shard = rows_per_shard
-        self.compression_level = compression_level
+        self.settings = manifest.target_settings()
+        self.rows_per_shard, self.row_group_rows = rows_per_shard, row_group_rows
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._discard_uncommitted()
-        self.manifest.save(self.dir)
+        self.manifest.save(self.path)
 
     def _discard_uncommitted(self) -> None:
         listed = {s.file for s in self.manifest.shards}
-        for p in self.dir.iterdir():
-            if p.name in (MANIFEST_NAME, LOCK_NAME) or p.name in listed:
+        for p in self.fs.ls(self.root, detail=False):
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            if name in (MANIFEST_NAME, LOCK_NAME) or name in listed:
                 continue
-            if p.name.startswith(".shard-") or p.name.startswith("shard-") or p.name.startswith(f".{MANIFEST_NAME}"):
-                p.unlink()  # left by a crash before commit: never visible to readers
+            if name.startswith((".shard-", "shard-", f".{MANIFEST_NAME}")):
+                self.fs.rm(p)  # left by a crash before commit: never visible to readers
 
     def add(self, table: pa.Table) -> None:
-        if table.schema != ROW_SCHEMA:
-            raise CacheError(f"rows do not match the cache schema:\n{table.schema}\nexpected:\n{ROW_SCHEMA}")
+        if table.schema != RAW_SCHEMA:
+            raise CacheError(f"rows do not match the cache's raw schema:\n{table.schema}\nexpected:\n{RAW_SCHEMA}")
         self._buffer.append(table)
         self._buffered += table.num_rows
         while self._buffered >= self.rows_per_shard:
@@ -76,22 +101,32 @@ class CacheWriter:
             rest = whole.slice(self.rows_per_shard)
             self._buffer, self._buffered = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
 
-    def _commit(self, table: pa.Table) -> None:
+    def _commit(self, raw: pa.Table) -> None:
+        self.commit_stored(encode_raw(raw, self.settings))
+
+    def commit_stored(self, table: pa.Table) -> None:
+        """Commit an already encoded table (subset reuses shards' encoded rows)."""
+        c = self.settings.codec
+        data = encode_parquet(table, c.compression, c.compression_level, self.row_group_rows)
+        self.commit_bytes(data, table.column("sample_id").to_pylist(), count_targets(table))
+
+    def commit_bytes(self, data: bytes, sample_ids: list[str], targets: int) -> None:
+        """Commit one shard file's bytes: the file gets its final name only when complete
+        (local: tmp + fsync + rename; object stores: one PUT), then the manifest lists it."""
         name = f"shard-{len(self.manifest.shards):05d}-{uuid.uuid4().hex[:8]}.parquet"
-        tmp = self.dir / f".{name}.tmp"
-        pq.write_table(table, tmp, compression="zstd", compression_level=self.compression_level)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        info = ShardInfo(
-            file=name,
-            rows=table.num_rows,
-            bytes=tmp.stat().st_size,
-            sha256=file_sha256(tmp),
-            sample_ids=table.column("sample_id").to_pylist(),
-        )
-        os.replace(tmp, self.dir / name)
-        self.manifest.shards.append(info)
-        self.manifest.save(self.dir)
+        path = join(self.root, name)
+        if is_local(self.fs):
+            tmp = join(self.root, f".{name}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            self.fs.pipe_file(path, data)
+        self.manifest.shards.append(ShardInfo(file=name, rows=len(sample_ids), bytes=len(data),
+                                              sha256=sha256_bytes(data), sample_ids=sample_ids, targets=targets))
+        self.manifest.save(self.path)
 
     def flush(self) -> None:
         """Commit the buffered rows as a (possibly short) shard."""
@@ -103,6 +138,7 @@ class CacheWriter:
         """Flush, mark the cache complete (every input sample committed) or not, unlock."""
         self.flush()
         self.manifest.complete = complete
-        self.manifest.save(self.dir)
-        self._lock.close()
+        self.manifest.save(self.path)
+        if self._lock is not None:
+            self._lock.close()
         return self.manifest

@@ -45,10 +45,11 @@ def check_alignment(enc: Encoded, row: CacheRow, processor) -> None:
             "the student (and the data the cache was made from), or rebuild the cache."
         )
     n_student = int((enc.labels != IGNORE_INDEX).sum())
-    if n_student != len(row.supervised_positions):
+    n_cached = len(row.response) if row.response is not None else 0
+    if n_student != n_cached:
         raise AlignmentError(
             f"sample {enc.sample_id}: {n_student} supervised tokens for the student but "
-            f"{len(row.supervised_positions)} targets in the cache; the label masks differ"
+            f"{n_cached} response targets in the cache; the label masks differ"
         )
 
 
@@ -71,12 +72,12 @@ class DistillDataset(torch.utils.data.Dataset):
         if cache is not None:
             check_cache_compatible(cache, processor)
             self.rows = cache.rows()
-            self.max_target_id = max((int(r.topk_ids.max()) for r in self.rows.values() if r.topk_ids.size),
+            self.max_target_id = max((int(r.response.ids.max()) for r in self.rows.values() if r.response.ids.size),
                                      default=None)
             missing = [s.id for s in samples if s.id not in self.rows]
             if missing:
                 raise CacheError(
-                    f"{cache.dir}: {len(missing)} of {len(samples)} samples have no cached targets "
+                    f"{cache.path}: {len(missing)} of {len(samples)} samples have no cached targets "
                     f"(first: {missing[:5]}); run the teacher pass on this data (it resumes) "
                     "or train on the cached samples only"
                 )
@@ -102,15 +103,18 @@ def check_cache_compatible(cache: TeacherCache, processor) -> None:
     """Settings the student cannot honour: a different image token, or targets at a
     temperature other than 1 (the losses compare them with the student's own softmax)."""
     m = cache.manifest
+    if "response" not in m.record_kinds:
+        raise CacheError(f"{cache.path}: holds no response targets (record kinds {m.record_kinds}); "
+                         "the trainer's KD term needs them")
     img = image_token_id(processor)
     if m.processor.get("image_token_id") != img:
         raise CacheError(
-            f"{cache.dir}: the cache's image token id is {m.processor.get('image_token_id')}, the "
+            f"{cache.path}: the cache's image token id is {m.processor.get('image_token_id')}, the "
             f"student's is {img}; the student must use the teacher's tokenizer"
         )
     if float(m.extraction.get("temperature", 1.0)) != 1.0:
         raise CacheError(
-            f"{cache.dir}: targets were extracted at temperature {m.extraction['temperature']}; this "
+            f"{cache.path}: targets were extracted at temperature {m.extraction['temperature']}; this "
             "trainer distils at temperature 1. Re-run the teacher pass with --temperature 1"
         )
 
@@ -129,13 +133,15 @@ def check_student_vocab(dataset: "DistillDataset", model) -> None:
 
 def collate_items(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
     """Batch tensors: input_ids, attention_mask, labels [B, T], pixel_values, and, with a
-    cache, topk_ids [N, k], topk_logprobs [N, k], leftover [N] for the N supervised tokens
-    in row-major (sample, position) order: the order of labels != -100."""
+    cache, the response targets of the N supervised tokens in row-major (sample, position)
+    order (the order of labels != -100): target_ids [N, w] and either target_logprobs
+    [N, k] + target_leftover [N] (top-k cache) or target_counts [N, draws] (sampled)."""
     batch = {k: torch.from_numpy(v) for k, v in collate([it.encoded for it in items], pad_id).items()}
     if items and items[0].target is not None:
-        batch["topk_ids"] = torch.from_numpy(np.concatenate([it.target.topk_ids for it in items]))
-        batch["topk_logprobs"] = torch.from_numpy(np.concatenate([it.target.topk_logprobs for it in items]))
-        batch["leftover"] = torch.from_numpy(np.concatenate([it.target.leftover for it in items]))
+        targets = [it.target.response for it in items]
+        for name in ("ids", "logprobs", "leftover", "counts"):
+            if getattr(targets[0], name) is not None:
+                batch[f"target_{name}"] = torch.from_numpy(np.concatenate([getattr(t, name) for t in targets]))
     return batch
 
 

@@ -42,7 +42,7 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
     check_student_vocab(dataset, model)
     rows = SupervisedRows(model)
     correct, per_task, per_task_n = 0, Counter(), Counter()
-    kl_sum, tokens = 0.0, 0
+    kl_sum, kl_tokens, tokens = 0.0, 0, 0
     batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                          collate_fn=partial(collate_items, pad_id=processor.tokenizer.pad_token_id))
@@ -59,9 +59,11 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
             task = samples[i].meta.get("task", "all")
             per_task[task] += ok
             per_task_n[task] += 1
-        if "topk_ids" in batch:
-            kl = sparse_forward_kl(logits, batch["topk_ids"], batch["topk_logprobs"], batch["leftover"], "bucket")
+        if "target_logprobs" in batch:
+            kl = sparse_forward_kl(logits, batch["target_ids"], batch["target_logprobs"], batch["target_leftover"],
+                                   "bucket")
             kl_sum += kl.item() * len(targets)
+            kl_tokens += len(targets)
         tokens += len(targets)
     out = {
         "accuracy": correct / len(samples),
@@ -69,6 +71,6 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
         "samples": len(samples),
         "tokens": tokens,
     }
-    if cache:
-        out["kl_to_teacher"] = kl_sum / tokens
+    if kl_tokens:  # top-k caches; a sampled cache holds no log-probs to compare with
+        out["kl_to_teacher"] = kl_sum / kl_tokens
     return out

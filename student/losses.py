@@ -28,6 +28,11 @@ def _kl_rows(logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, left
     if mode == "renormalize":
         t_logp = t_logp - torch.logsumexp(t_logp, dim=-1, keepdim=True)
         return (t_logp.exp() * (t_logp - s_logp)).sum()
+    # The cached values are quantised (storage.codec): renormalise the k+1 outcomes so the
+    # teacher side is a distribution and the KL of a perfect student is 0, not +-codec error.
+    log_z = torch.logsumexp(torch.cat([t_logp, torch.log(leftover.float().clamp_min(1e-30))[:, None]], -1), -1)
+    t_logp = t_logp - log_z[:, None]
+    leftover = leftover.float() * torch.exp(-log_z)
     p = t_logp.exp()
     head = (p * (t_logp - s_logp)).sum()
     if ids.shape[-1] >= logits.shape[-1]:
@@ -48,7 +53,8 @@ def sparse_forward_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk
     r = leftover the teacher's mass outside them; q = softmax(student_logits).
 
     - mode="bucket": KL between the two distributions coarsened to k+1 outcomes (the k
-      ids and one "rest of vocabulary" bucket):
+      ids and one "rest of vocabulary" bucket; the teacher's k+1 values are renormalised
+      to sum to 1, which undoes the cache's quantisation drift):
           sum_i p_i (log p_i - log q_i) + r (log r - log q_rest),  q_rest = 1 - sum_i q_i.
       A lower bound of the full-vocabulary KL; equal to it when k = V (r = 0).
     - mode="renormalize": the teacher's top-k renormalised, p~_i = p_i / sum_j p_j:
@@ -72,3 +78,32 @@ def sparse_forward_kl(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk
         else:
             total = total + _kl_rows(*args, mode)
     return total / n
+
+
+def sampled_kd(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
+               chunk_rows: int = 1024) -> torch.Tensor:
+    """Distillation from sampled teacher ids (Sparse Logit Sampling), mean over rows.
+
+    ids [N, D] were drawn from the teacher's distribution p with replacement, D times per
+    row; counts [N, D] say how often (0 marks padding). p_hat_i = counts_i / D is an
+    unbiased estimate of p, so
+        - sum_i p_hat_i log q_i
+    is an unbiased estimate of the cross-entropy H(p, q) = KL(p || q) + H(p): its gradient
+    in the student's logits is, in expectation, the full-vocabulary forward KL's.
+    """
+    n = student_logits.shape[0]
+    if n == 0:
+        return student_logits.sum() * 0.0
+    total = student_logits.new_zeros((), dtype=torch.float32)
+    for s in range(0, n, chunk_rows):
+        args = (student_logits[s:s + chunk_rows], ids[s:s + chunk_rows], counts[s:s + chunk_rows])
+        if torch.is_grad_enabled() and student_logits.requires_grad:
+            total = total + checkpoint(_sampled_rows, *args, use_reentrant=False)
+        else:
+            total = total + _sampled_rows(*args)
+    return total / n
+
+
+def _sampled_rows(logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    p_hat = counts.float() / counts.sum(-1, keepdim=True).clamp_min(1).float()
+    return -(p_hat * torch.log_softmax(logits.float(), dim=-1).gather(-1, ids)).sum()

@@ -26,7 +26,7 @@ from pipelines.preprocess import IGNORE_INDEX
 from pipelines.samples import read_llava
 from storage.reader import TeacherCache
 from student.data import DistillDataset, check_student_vocab, collate_items, rank_batches
-from student.losses import LEFTOVER_MODES, cross_entropy, sparse_forward_kl
+from student.losses import LEFTOVER_MODES, cross_entropy, sampled_kd, sparse_forward_kl
 from student.model import LlavaArch, build_llava
 
 
@@ -186,8 +186,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
             loss = cfg.ce_weight * ce
             terms = {"ce": ce.item()}
             if use_kd:
-                kd = sparse_forward_kl(logits, batch["topk_ids"], batch["topk_logprobs"], batch["leftover"],
-                                       mode=cfg.kd_leftover)
+                if "target_counts" in batch:  # a sampled-mode cache
+                    kd = sampled_kd(logits, batch["target_ids"], batch["target_counts"])
+                else:
+                    kd = sparse_forward_kl(logits, batch["target_ids"], batch["target_logprobs"],
+                                           batch["target_leftover"], mode=cfg.kd_leftover)
                 loss = loss + cfg.kd_weight * kd
                 terms["kd"] = kd.item()
             engine.backward(loss)

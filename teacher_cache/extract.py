@@ -1,4 +1,4 @@
-"""Teacher outputs -> cache rows: top-k log-probs at supervised positions.
+"""Teacher outputs -> cache rows: top-k log-probs (or sampled ids) at supervised positions.
 
 The output head runs only on the rows that become targets: the LLM's final hidden states
 are gathered at the supervised rows first, and the head plus log-softmax run in chunks of
@@ -12,7 +12,8 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from storage.schema import make_table, token_digest
+from storage.schema import CacheRow, TokenTargets, token_digest
+from storage.tables import raw_table
 
 IGNORE_INDEX = -100
 
@@ -54,6 +55,30 @@ def topk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, k: int, temperatu
     return torch.cat(ids), torch.cat(vals), torch.cat(rest)
 
 
+@torch.no_grad()
+def sampled_ids(hidden: torch.Tensor, head: torch.nn.Module, draws: int, temperature: float = 1.0,
+                generator: torch.Generator | None = None, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw `draws` ids per row from softmax(head(hidden) / temperature) with replacement
+    (the Sparse Logit Sampling estimator: count / draws is unbiased for the probability).
+
+    Returns ids int64 [N, draws] and counts int32 [N, draws]: each row's distinct ids with
+    how often each was drawn, left-aligned; the remaining entries have count 0 (padding).
+    """
+    weight = head.weight.float()
+    bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+    ids, counts = [], []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logits = torch.nn.functional.linear(hidden[start:start + chunk_rows].float(), weight, bias)
+        probs = torch.softmax(logits / temperature, dim=-1)
+        drawn = torch.sort(torch.multinomial(probs, draws, replacement=True, generator=generator), dim=-1).values
+        new = torch.ones_like(drawn, dtype=torch.bool)
+        new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
+        slot = torch.cumsum(new.long(), dim=-1) - 1  # index of each draw's distinct id in its row
+        ids.append(torch.zeros_like(drawn).scatter_(1, slot, drawn))
+        counts.append(torch.zeros_like(drawn, dtype=torch.int32).scatter_add_(1, slot, torch.ones_like(slot, dtype=torch.int32)))
+    return torch.cat(ids), torch.cat(counts)
+
+
 def supervised_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(batch index, position) of every supervised token (labels != -100), row-major."""
     b, t = torch.nonzero(labels != IGNORE_INDEX, as_tuple=True)
@@ -63,17 +88,27 @@ def supervised_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def extract_rows(model, batch: dict[str, torch.Tensor], sample_ids: list[str], k: int,
-                 temperature: float, image_token_id: int | None) -> pa.Table:
-    """Run the teacher on one batch and return its cache rows (storage.schema.ROW_SCHEMA).
+def extract_rows(model, batch: dict[str, torch.Tensor], sample_ids: list[str], image_token_id: int | None,
+                 mode: str = "topk", k: int = 64, draws: int = 32, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> pa.Table:
+    """Run the teacher on one batch and return its response targets as a RAW_SCHEMA table
+    (storage.schema): top-k log-probs + leftover (mode="topk") or sampled ids + counts
+    (mode="sampled").
 
     batch tensors are on the model's device; labels mark supervised tokens (unshifted).
     The target of the supervised token at t is the distribution from the logits at t-1.
     """
     hidden = final_hidden_states(model, batch)
     b, t = supervised_rows(batch["labels"])
-    ids, lps, left = topk_logprobs(hidden[b, t - 1], model.get_output_embeddings(), k, temperature)
-    ids, lps, left = ids.cpu().numpy(), lps.cpu().numpy(), left.cpu().numpy()
+    head = model.get_output_embeddings()
+    if mode == "topk":
+        ids, lps, left = (x.cpu().numpy() for x in topk_logprobs(hidden[b, t - 1], head, k, temperature))
+        counts = None
+    elif mode == "sampled":
+        ids, counts = (x.cpu().numpy() for x in sampled_ids(hidden[b, t - 1], head, draws, temperature, generator))
+        lps = left = None
+    else:
+        raise ValueError(f"mode {mode!r}: choose topk or sampled")
     b, t = b.cpu().numpy(), t.cpu().numpy()
     input_ids = batch["input_ids"].cpu().numpy()
     lengths = batch["attention_mask"].sum(-1).cpu().numpy()
@@ -81,16 +116,10 @@ def extract_rows(model, batch: dict[str, torch.Tensor], sample_ids: list[str], k
     for r, sid in enumerate(sample_ids):
         sel = b == r
         seq = input_ids[r, : lengths[r]]
-        rows.append({
-            "sample_id": sid,
-            "token_digest": token_digest(seq, image_token_id),
-            "input_ids": seq,
-            "supervised_positions": t[sel],
-            "topk_ids": ids[sel],
-            "topk_logprobs": lps[sel],
-            "leftover": left[sel],
-        })
-    return make_table(rows)
+        pick = (lambda a: a[sel] if a is not None else None)  # noqa: E731
+        rows.append(CacheRow(sid, token_digest(seq, image_token_id), seq,
+                             response=TokenTargets(t[sel], ids[sel], pick(lps), pick(left), pick(counts))))
+    return raw_table(rows)
 
 
 def to_device(batch: dict[str, np.ndarray], device, dtype: torch.dtype) -> dict[str, torch.Tensor]:

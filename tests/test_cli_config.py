@@ -1,5 +1,6 @@
 """Configs (YAML + flags onto typed dataclasses) and the command line."""
 
+import json
 import subprocess
 import sys
 
@@ -53,22 +54,30 @@ def test_missing_settings_and_bad_caches_fail_clearly(tmp_path, capsys):
 
 
 def test_cache_verify_exit_status_names_the_bad_shard(tmp_path, capsys):
-    import numpy as np
+    from helpers import write
 
-    from storage.manifest import Manifest
-    from storage.schema import make_table
-    from storage.writer import CacheWriter
-
-    m = Manifest(teacher={"path": "t", "weights_sha256": "0", "dtype": "float32"}, processor={}, vocab_size=10,
-                 extraction={"k": 2, "temperature": 1.0, "record_kinds": ["response_topk"]})
-    w = CacheWriter(tmp_path, m)
-    w.add(make_table([{"sample_id": "a", "token_digest": "d", "input_ids": np.arange(4), "supervised_positions": [3],
-                       "topk_ids": [[1, 2]], "topk_logprobs": [[-0.1, -2.5]], "leftover": [0.01]}]))
-    manifest = w.close(complete=True)
+    write(tmp_path, ["a", "b", "c"], rows_per_shard=2)
     assert main(["cache", "verify", str(tmp_path)]) == 0
-    shard = tmp_path / manifest.shards[0].file
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    shard = tmp_path / manifest["shards"][0]["file"]
     data = bytearray(shard.read_bytes())
     data[20] ^= 1
     shard.write_bytes(bytes(data))
     assert main(["cache", "verify", str(tmp_path)]) == 1
-    assert manifest.shards[0].file in capsys.readouterr().err
+    assert manifest["shards"][0]["file"] in capsys.readouterr().err
+
+
+def test_cache_inspect_merge_subset_commands(tmp_path, capsys):
+    from helpers import write
+
+    write(tmp_path / "a", ["a1", "a2", "a3"], rows_per_shard=2)
+    write(tmp_path / "b", ["b1", "b2"], rows_per_shard=2, seed=1)
+    assert main(["cache", "merge", str(tmp_path / "m"), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    (tmp_path / "ids.txt").write_text("a2\nb1\n")
+    assert main(["cache", "subset", str(tmp_path / "m"), str(tmp_path / "s"), "--ids", str(tmp_path / "ids.txt")]) == 0
+    capsys.readouterr()
+    assert main(["cache", "inspect", "--json", str(tmp_path / "s")]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["samples"] == 2 and info["mode"] == "topk" and info["k"] == 8
+    assert 0 < info["response_topk_mass_mean"] <= 1
+    assert info["bytes_per_target_token"] > 0

@@ -4,6 +4,7 @@ log_softmax, resume without duplicates, refusal of a cache made with other setti
 import numpy as np
 import pytest
 import torch
+from helpers import assert_topk_close
 
 from pipelines.preprocess import collate, encode_sample
 from pipelines.samples import load_image, read_llava
@@ -51,8 +52,8 @@ def test_cache_has_one_row_per_sample_and_the_teachers_values(ray_local, teacher
         row = rows[s.id]
         pos = np.nonzero(e.labels != -100)[0]
         ref_vals, ref_ids = logp[i, pos - 1].topk(5, -1)
-        assert (row.topk_ids == ref_ids.numpy()).all()
-        assert np.allclose(row.topk_logprobs, ref_vals.numpy(), rtol=2 ** -10, atol=1e-4)
+        assert (row.response.positions == pos).all()
+        assert_topk_close(row.response, ref_ids.numpy(), ref_vals.float().numpy())
 
     # Re-running the same command is a no-op resume: still one row per sample.
     run_teacher_pass(cfg, log=lambda *_: None)
@@ -74,8 +75,8 @@ def test_resume_runs_only_the_missing_samples(ray_local, teacher_dir, demo_dir, 
     assert resumed.manifest.complete and resumed.verify() == []
     assert sorted(resumed.sample_ids()) == sorted(full)
     for sid, row in resumed.rows().items():
-        assert (row.topk_ids == full[sid].topk_ids).all()
-        assert np.array_equal(row.topk_logprobs, full[sid].topk_logprobs)
+        assert (row.response.ids == full[sid].response.ids).all()
+        assert np.array_equal(row.response.logprobs, full[sid].response.logprobs)
 
 
 def test_other_settings_are_refused_unless_new_cache(ray_local, teacher_dir, demo_dir, tmp_path):
