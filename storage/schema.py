@@ -45,7 +45,7 @@ class CacheError(RuntimeError):
 class TokenTargets:
     """The teacher's targets at n positions of one segment (response or visual).
 
-    positions int64 [n]; ids int64 [n, w]. Top-k mode: w = k, logprobs float32 [n, k],
+    positions int [n]; ids int [n, w] (int32 when decoded from a cache). Top-k mode: w = k, logprobs float32 [n, k],
     leftover float32 [n] (probability mass outside the k ids). Sampled mode: w = draws,
     counts int32 [n, w] (how often each id was drawn; padding entries have count 0).
     The entries of a row are a set: their order carries no meaning (sort by logprobs for

@@ -225,7 +225,7 @@ def decode_token_targets(table: pa.Table, kind: str, order: np.ndarray, s: Targe
     if planes.shape[1] != sizes.sum():
         raise CacheError(f"{kind}: {planes.shape[1]} stored ids, expected {int(sizes.sum())} "
                          f"({n} positions, mode {s.mode}, width {s.width}); the shard is malformed")
-    ids = codec.decode_id_sets(planes, sizes, order, s.vocab_size)
+    ids = codec.decode_id_sets(planes, s.width if s.mode == "topk" else sizes, order, s.vocab_size)
     if s.mode == "topk":
         values = _binary_flat(table.column(f"{kind}_values"))[0]
         left = _binary_flat(table.column(f"{kind}_leftover"))[0]
@@ -237,17 +237,17 @@ def decode_token_targets(table: pa.Table, kind: str, order: np.ndarray, s: Targe
         leftover = np.exp(codec.decode_logprobs(left, s.codec.levels))
         parts = zip(_split(positions, pos_lens), _split(ids2, pos_lens), _split(lp, pos_lens),
                     _split(leftover, pos_lens))
-        return [TokenTargets(p.astype(np.int64), i, v, r) for p, i, v, r in parts]
+        return [TokenTargets(p, i, v, r) for p, i, v, r in parts]
     counts = _binary_flat(table.column(f"{kind}_counts"))[0]
     if len(counts) != len(ids):
         raise CacheError(f"{kind}: {len(counts)} counts for {len(ids)} ids; the shard is malformed")
     row = np.repeat(np.arange(n), sizes)
     col = np.arange(len(ids)) - np.repeat(codec.set_starts(sizes), sizes)
-    pid = np.zeros((n, s.width), np.int64)
+    pid = np.zeros((n, s.width), np.int32)
     pct = np.zeros((n, s.width), np.int32)
     pid[row, col], pct[row, col] = ids, counts
     parts = zip(_split(positions, pos_lens), _split(pid, pos_lens), _split(pct, pos_lens))
-    return [TokenTargets(p.astype(np.int64), i, counts=c) for p, i, c in parts]
+    return [TokenTargets(p, i, counts=c) for p, i, c in parts]
 
 
 def decode_stored(table: pa.Table, order: np.ndarray, s: TargetSettings) -> list[CacheRow]:

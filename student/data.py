@@ -142,6 +142,7 @@ def collate_items(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
         for name in ("ids", "logprobs", "leftover", "counts"):
             if getattr(targets[0], name) is not None:
                 batch[f"target_{name}"] = torch.from_numpy(np.concatenate([getattr(t, name) for t in targets]))
+        batch["target_ids"] = batch["target_ids"].long()  # gather indices
     return batch
 
 

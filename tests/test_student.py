@@ -160,13 +160,11 @@ def test_kept_encodings_equal_fresh_ones(demo_dir, processor):
 
 
 def test_temperature_and_vocabulary_the_student_cannot_honour(small_cache, demo_dir, processor, tmp_path):
-    import shutil as sh
-
     from storage.schema import CacheError
     from student.data import check_student_vocab
 
     hot = tmp_path / "hot"
-    sh.copytree(small_cache, hot)
+    shutil.copytree(small_cache, hot)
     m = Manifest.load(hot)
     m.extraction["temperature"] = 2.0
     m.save(hot)
