@@ -1,9 +1,21 @@
-"""Sparse KL on cached top-k against dense references computed here with plain torch."""
+"""Every loss against an independent dense reference computed here with plain torch
+(float64, explicit loops where that is clearer than vectorised code)."""
+
+import math
 
 import pytest
 import torch
 
-from student.losses import cross_entropy, sparse_forward_kl
+from student.losses import (
+    DIVERGENCES,
+    cross_entropy,
+    preference_loss,
+    relation_loss,
+    relation_matrix,
+    sequence_logprobs,
+    sparse_divergence,
+    sparse_forward_kl,
+)
 
 
 def _teacher_topk(t_logits, k):
@@ -104,3 +116,141 @@ def test_cross_entropy_matches_negative_log_likelihood():
     s, y = torch.randn(9, 13), torch.randint(0, 13, (9,))
     ref = -torch.log_softmax(s, -1)[torch.arange(9), y].mean()
     assert torch.allclose(cross_entropy(s, y), ref)
+
+
+def _dense_divergence(p, q, divergence):
+    """Summed-over-outcomes divergence of two probability vectors (float64)."""
+    if divergence == "forward_kl":
+        return (p * (p.log() - q.log())).sum()
+    if divergence == "reverse_kl":
+        return (q * (q.log() - p.log())).sum()
+    m = (p + q) / 2
+    return 0.5 * (p * (p.log() - m.log())).sum() + 0.5 * (q * (q.log() - m.log())).sum()
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("mode", ["bucket", "renormalize"])
+def test_every_divergence_at_full_vocabulary_is_the_dense_one(divergence, mode):
+    torch.manual_seed(5)
+    N, V = 13, 17
+    t, s = torch.randn(N, V) * 2, torch.randn(N, V, requires_grad=True)
+    ids, vals, left = _teacher_topk(t, V)
+    got = sparse_divergence(s, ids, vals, left, divergence, mode, chunk_rows=4)
+    p, q = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+    ref = sum(_dense_divergence(p[n], q[n], divergence) for n in range(N)) / N
+    assert torch.allclose(got.double(), ref, atol=1e-5)
+    g, = torch.autograd.grad(got, s)
+    s2 = s.detach().double().requires_grad_(True)
+    q2 = torch.softmax(s2, -1)
+    g_ref, = torch.autograd.grad(sum(_dense_divergence(p[n], q2[n], divergence) for n in range(N)) / N, s2)
+    assert torch.allclose(g.double(), g_ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_bucket_divergences_on_the_coarsened_distributions(divergence):
+    torch.manual_seed(6)
+    N, V, k = 9, 40, 4
+    t, s = torch.randn(N, V) * 3, torch.randn(N, V)
+    ids, vals, left = _teacher_topk(t, k)
+    p, q = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+    ref = 0.0
+    for n in range(N):
+        rest = [i for i in range(V) if i not in set(ids[n].tolist())]
+        pc = torch.cat([p[n, ids[n]], p[n, rest].sum()[None]])
+        qc = torch.cat([q[n, ids[n]], q[n, rest].sum()[None]])
+        ref += _dense_divergence(pc, qc, divergence)
+    got = sparse_divergence(s, ids, vals, left, divergence, "bucket", chunk_rows=5)
+    assert torch.allclose(got.double(), ref / N, atol=1e-5)
+    assert sparse_divergence(t, ids, vals, left, divergence, "bucket").abs() < 1e-5  # teacher vs itself
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_renormalize_reverse_and_jsd_use_both_top_k_renormalised(divergence):
+    torch.manual_seed(7)
+    N, V, k = 8, 30, 5
+    t, s = torch.randn(N, V) * 2, torch.randn(N, V)
+    ids, vals, left = _teacher_topk(t, k)
+    p, q = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+    ref = 0.0
+    for n in range(N):
+        pk, qk = p[n, ids[n]], q[n, ids[n]]
+        ref += _dense_divergence(pk / pk.sum(), qk / qk.sum(), divergence)
+    got = sparse_divergence(s, ids, vals, left, divergence, "renormalize")
+    assert torch.allclose(got.double(), ref / N, atol=1e-5)
+
+
+def test_bad_divergence_is_refused():
+    with pytest.raises(ValueError, match="forward_kl"):
+        sparse_divergence(torch.zeros(1, 3), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1),
+                          torch.zeros(1), divergence="kl")
+
+
+def test_relation_matrix_via_gram_equals_naive_z_zt():
+    torch.manual_seed(8)
+    n, d, V = 12, 16, 300
+    h, w = torch.randn(n, d), torch.randn(V, d) / 4
+    z = (h.double() @ w.double().T)  # the raw logits, materialised
+    ref = z @ z.T
+    got = relation_matrix(h, w)
+    assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-3)
+    gram = w.T @ w
+    assert torch.allclose(relation_matrix(h, w, gram=gram), got)
+    # bf16 hidden states are computed in fp32
+    assert relation_matrix(h.bfloat16(), w).dtype == torch.float32
+
+
+def test_relation_loss_pooled_and_per_sample():
+    torch.manual_seed(9)
+    zs = [torch.randn(n, 20, dtype=torch.float64) for n in (5, 7)]
+    zt = [z + 0.5 * torch.randn_like(z) for z in zs]
+    rs = [z @ z.T for z in zs]
+    rt = [z @ z.T for z in zt]
+    flat = lambda ms: torch.cat([m.flatten() for m in ms])  # noqa: E731
+    a, b = flat(rs), flat(rt)
+    ref_batch = 1 - (a @ b) / (a.norm() * b.norm())
+    assert torch.allclose(relation_loss(rs, rt, "batch").double(), ref_batch, atol=1e-6)
+    ref_sample = 1 - sum((x.flatten() @ y.flatten()) / (x.norm() * y.norm()) for x, y in zip(rs, rt)) / 2
+    assert torch.allclose(relation_loss(rs, rt, "sample").double(), ref_sample, atol=1e-6)
+    # the stored teacher matrices are normalised: per-sample cosine ignores that, pooled does not
+    rt_norm = [m / m.norm() for m in rt]
+    assert torch.allclose(relation_loss(rs, rt_norm, "sample"), relation_loss(rs, rt, "sample"), atol=1e-6)
+    assert relation_loss(rs, rs, "batch").abs() < 1e-6
+    with pytest.raises(ValueError, match="shape"):
+        relation_loss(rs, rt[::-1])
+    with pytest.raises(ValueError, match="pooling"):
+        relation_loss(rs, rt, "mean")
+
+
+def test_sequence_logprobs_sum_per_answer():
+    torch.manual_seed(10)
+    N, V = 11, 9
+    logits, y = torch.randn(N, V), torch.randint(0, V, (N,))
+    seg = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3])
+    got = sequence_logprobs(logits, y, seg, 4, chunk_rows=3)
+    lp = torch.log_softmax(logits.double(), -1)
+    ref = [sum(lp[i, y[i]] for i in range(N) if seg[i] == j) for j in range(4)]
+    assert torch.allclose(got.double(), torch.stack(ref), atol=1e-5)
+
+
+def _sigmoid(x):
+    return 1 / (1 + math.exp(-x))
+
+
+def test_dpo_and_kto_pair_against_scalar_formulas():
+    torch.manual_seed(11)
+    pc, pr, rc, rr = (torch.randn(6) * 5 - 20 for _ in range(4))
+    beta = 0.1
+    ref = sum(-math.log(_sigmoid(beta * ((a - c) - (b - d)))) for a, b, c, d in
+              zip(pc.tolist(), pr.tolist(), rc.tolist(), rr.tolist())) / 6
+    assert abs(preference_loss(pc, pr, rc, rr, "dpo", beta).item() - ref) < 1e-6
+    # KTO-pair: the KL terms are batch means of policy - reference, clamped at 0
+    cr, rj = (pc - rc).tolist(), (pr - rr).tolist()
+    kl_c, kl_r = max(0.0, sum(cr) / 6), max(0.0, sum(rj) / 6)
+    terms = [1 - _sigmoid(beta * (x - kl_r)) for x in cr] + [1 - _sigmoid(beta * (kl_c - x)) for x in rj]
+    assert abs(preference_loss(pc, pr, rc, rr, "kto_pair", beta).item() - sum(terms) / 12) < 1e-6
+    # beta matters, and the chosen answer gaining probability lowers both losses
+    assert preference_loss(pc, pr, rc, rr, "dpo", 0.5) != preference_loss(pc, pr, rc, rr, "dpo", 0.1)
+    for loss in ("dpo", "kto_pair"):
+        assert preference_loss(pc + 1, pr, rc, rr, loss) < preference_loss(pc, pr, rc, rr, loss)
+    with pytest.raises(ValueError, match="dpo"):
+        preference_loss(pc, pr, rc, rr, "ipo")
