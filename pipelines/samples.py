@@ -3,6 +3,9 @@
 A sample is one image (or none) and a conversation of alternating ``human`` / ``gpt``
 turns; every ``gpt`` turn is supervised. The ``<image>`` placeholder in a human turn marks
 where the image goes. Image paths are relative to an image root and must stay inside it.
+
+Preference pairs (the RLAIF-V layout, JSONL): {"id", "image", "question", "chosen",
+"rejected"}; each pair becomes two one-turn samples that differ only in the answer.
 """
 
 from __future__ import annotations
@@ -84,6 +87,43 @@ def read_llava(path: str | Path) -> list[Sample]:
             raise SampleError(f"{path}: sample id {s.id!r} appears twice; ids must be unique")
         seen.add(s.id)
     return samples
+
+
+@dataclass
+class PreferencePair:
+    id: str
+    image: str | None
+    question: str
+    chosen: str
+    rejected: str
+
+    def sample(self, which: str) -> Sample:
+        """The one-turn conversation with the chosen or the rejected answer."""
+        answer = {"chosen": self.chosen, "rejected": self.rejected}[which]
+        question = self.question if self.image is None or IMAGE_PLACEHOLDER in self.question \
+            else f"{IMAGE_PLACEHOLDER}\n{self.question}"
+        return Sample(self.id, self.image, [{"role": "user", "content": question},
+                                            {"role": "assistant", "content": answer}])
+
+
+def read_preference(path: str | Path) -> list[PreferencePair]:
+    """Read preference pairs (JSONL or a JSON list); refuses missing fields and duplicate ids."""
+    path = Path(path)
+    text = path.read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
+        else json.loads(text)
+    pairs, seen = [], set()
+    for i, r in enumerate(records):
+        missing = [k for k in ("id", "question", "chosen", "rejected") if not r.get(k)]
+        if missing:
+            raise SampleError(f"{path}#{i}: preference record lacks {missing}; each needs id, image (optional), "
+                              "question, chosen, rejected")
+        pid = str(r["id"])
+        if pid in seen:
+            raise SampleError(f"{path}: pair id {pid!r} appears twice; ids must be unique")
+        seen.add(pid)
+        pairs.append(PreferencePair(pid, r.get("image"), str(r["question"]), str(r["chosen"]), str(r["rejected"])))
+    return pairs
 
 
 def resolve_image(image_root: str | Path, rel: str) -> Path:

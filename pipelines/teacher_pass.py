@@ -11,19 +11,20 @@ command resumes: samples already committed are skipped (DESIGN invariant 3).
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.preprocess import collate, encode_sample, image_token_count
-from pipelines.samples import Sample, load_image, read_llava
+from pipelines.samples import PreferencePair, Sample, load_image, read_llava, read_preference
 from storage.fs import join, open_fs
 from storage.manifest import MANIFEST_NAME, Manifest
-from storage.schema import MODES, RAW_SCHEMA, CacheError
+from storage.schema import MODES, RAW_SCHEMA, RECORD_KINDS, CacheError
 from storage.writer import CacheWriter
 
 
@@ -33,6 +34,7 @@ class TeacherPassConfig:
     data: str = ""  # LLaVA conversation JSON/JSONL
     image_root: str = ""  # folder the samples' image paths are relative to
     output: str = ""  # cache folder (or fsspec URL) to create or resume
+    records: str = "response"  # comma list of response, visual, relation; or "preference" (data = pairs JSONL)
     mode: str = "topk"  # "topk": k most probable ids; "sampled": ids drawn from the teacher
     k: int = 64  # top-k entries kept per supervised position (mode topk)
     draws: int = 32  # ids drawn per supervised position (mode sampled; at most 255)
@@ -62,23 +64,66 @@ class TeacherWorker:
         self.model, self.processor = load_teacher(cfg.teacher, cfg.dtype, cfg.device)
         self.device = next(self.model.parameters()).device
         self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        self.records = parse_records(cfg.records)
+        self.gram = None
+        if "relation" in self.records:  # W^T W once per teacher: every R is then H G H^T
+            from teacher_cache.extract import head_gram
+
+            self.gram = head_gram(self.model.get_output_embeddings())
+
+    def _tensors(self, samples: list[Sample]) -> dict:
+        from teacher_cache.extract import to_device
+
+        encoded = [encode_sample(self.processor, s, load_image(self.cfg.image_root, s), self.cfg.max_length)
+                   for s in samples]
+        return to_device(collate(encoded, self.processor.tokenizer.pad_token_id), self.device, self.model.dtype)
 
     def __call__(self, batch: dict) -> pa.Table:
         import torch
 
-        from teacher_cache.extract import extract_rows, to_device
+        from teacher_cache.extract import extract_preference_rows, extract_rows
 
+        if self.records == ["preference"]:  # chosen sequences, then rejected, in one forward
+            pairs = [PreferencePair(**json.loads(s)) for s in batch["sample"]]
+            tensors = self._tensors([p.sample("chosen") for p in pairs] + [p.sample("rejected") for p in pairs])
+            return extract_preference_rows(self.model, tensors, [p.id for p in pairs], self.image_token_id)
         samples = [Sample.from_json(s) for s in batch["sample"]]
-        encoded = [encode_sample(self.processor, s, load_image(self.cfg.image_root, s), self.cfg.max_length)
-                   for s in samples]
-        arrays = collate(encoded, self.processor.tokenizer.pad_token_id)
-        tensors = to_device(arrays, self.device, self.model.dtype)
+        tensors = self._tensors(samples)
         ids = [s.id for s in samples]
         gen = None
         if self.cfg.mode == "sampled":  # draws depend on the seed and the batch's samples, not on timing
             gen = torch.Generator(self.device).manual_seed(zlib.crc32(f"{self.cfg.seed}|{'|'.join(ids)}".encode()))
         return extract_rows(self.model, tensors, ids, self.image_token_id, self.cfg.mode, self.cfg.k,
-                            self.cfg.draws, self.cfg.temperature, gen)
+                            self.cfg.draws, self.cfg.temperature, gen, tuple(self.records), self.gram)
+
+
+_POSITIONS = {
+    "response": "supervised tokens, shifted (logits at t-1 for the token at t)",
+    "visual": "image tokens, unshifted (logits at t)",
+    "relation": "image tokens: R = Z Z^T of the raw logits, normalised",
+    "preference": "answer tokens of the chosen and rejected sequences, shifted",
+}
+
+
+def parse_records(records: str) -> list[str]:
+    """'response,visual' -> ['response', 'visual'] in canonical order; checked."""
+    kinds = [k.strip() for k in records.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in RECORD_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"records {records!r}: choose from {', '.join(RECORD_KINDS)} (comma separated)")
+    if "preference" in kinds and len(kinds) > 1:
+        raise ValueError("records: 'preference' reads preference pairs and cannot be combined with "
+                         f"{[k for k in kinds if k != 'preference']}; make a separate cache for the pairs")
+    return [k for k in RECORD_KINDS if k in kinds]
+
+
+def read_inputs(cfg: TeacherPassConfig) -> list:
+    """The samples (or preference pairs) of cfg.data; each has a unique .id."""
+    return read_preference(cfg.data) if parse_records(cfg.records) == ["preference"] else read_llava(cfg.data)
+
+
+def _item(x) -> dict:
+    return {"sample": json.dumps(asdict(x)) if isinstance(x, PreferencePair) else x.to_json()}
 
 
 def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
@@ -90,7 +135,8 @@ def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
     vocab = AutoConfig.from_pretrained(cfg.teacher).get_text_config().vocab_size
     if cfg.mode not in MODES:
         raise ValueError(f"mode {cfg.mode!r}: choose one of {MODES}")
-    if cfg.mode == "topk" and cfg.k > vocab:
+    kinds = parse_records(cfg.records)
+    if cfg.mode == "topk" and cfg.k > vocab and kinds != ["preference"]:
         raise ValueError(f"k={cfg.k} is larger than the teacher's vocabulary ({vocab})")
     if cfg.mode == "sampled" and not 1 <= cfg.draws <= 255:
         raise ValueError(f"draws={cfg.draws}: use 1 to 255 draws per position")
@@ -99,9 +145,8 @@ def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
         teacher=teacher_description(cfg.teacher, cfg.dtype),
         processor=processor_description(processor, image_token_count(processor)),
         vocab_size=vocab,
-        extraction={"mode": cfg.mode, **width, "temperature": cfg.temperature, "record_kinds": ["response"],
-                    "positions": "supervised tokens, shifted (logits at t-1 for the token at t)",
-                    "max_length": cfg.max_length},
+        extraction={"mode": cfg.mode, **width, "temperature": cfg.temperature, "record_kinds": kinds,
+                    "positions": "; ".join(f"{k}: {_POSITIONS[k]}" for k in kinds), "max_length": cfg.max_length},
         inputs={"data": str(cfg.data), "num_samples": num_samples},
     )
 
@@ -135,7 +180,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
     """Run (or resume) the teacher pass; returns the final manifest."""
     import ray
 
-    samples = read_llava(cfg.data)
+    samples = read_inputs(cfg)
     writer = open_writer(cfg, build_manifest(cfg, len(samples)))
     done = {sid for s in writer.manifest.shards for sid in s.sample_ids}
     pending = [s for s in samples if s.id not in done]
@@ -154,7 +199,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # same input -> same shards
         ctx.enable_progress_bars = False
-        ds = ray.data.from_items([{"sample": s.to_json()} for s in pending])
+        ds = ray.data.from_items([_item(s) for s in pending])
         ds = ds.map_batches(TeacherWorker, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_gpus=gpus,
                             batch_format="numpy")

@@ -143,18 +143,27 @@ def _chunked(rows_fn, logits: torch.Tensor, row_args: tuple, extra: tuple, chunk
 
 # --- RDist: relations between visual tokens ------------------------------------------------
 
-def relation_matrix(hidden: torch.Tensor, head_weight: torch.Tensor, gram: torch.Tensor | None = None) -> torch.Tensor:
-    """R = Z Z^T for Z = hidden @ head_weight^T, the raw logits (no bias) at n positions.
+def relation_matrix(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None = None,
+                    gram: torch.Tensor | None = None) -> torch.Tensor:
+    """R = Z Z^T for Z = hidden @ W^T (+ b), the raw logits at n positions. The one
+    definition of R, used by the teacher pass (teacher_cache.extract) and by RDist.
 
-    hidden [n, d], head_weight [V, d]. Computed as hidden @ G @ hidden^T with the Gram
-    matrix G = W^T W [d, d] (pass it in to reuse it across samples): O(V d^2) once plus
-    O(n d^2 + n^2 d), and no [n, V] tensor. fp32 whatever the inputs' dtype. Returns [n, n].
+    hidden [n, d], head_weight W [V, d], head_bias b [V] or None. Computed as
+    H G H^T with the Gram matrix G = W^T W [d, d] (pass it in to reuse it across samples;
+    computed once per teacher), plus, with a bias, a 1^T + 1 a^T + b.b with a = H W^T b:
+    O(V d^2) once, then O(n d^2 + n^2 d) per sample, and no [n, V] tensor. fp32 whatever
+    the inputs' dtype. Returns [n, n].
     """
     h = hidden.float()
     if gram is None:
         w = head_weight.float()
         gram = w.T @ w
-    return h @ gram @ h.T
+    r = h @ gram @ h.T
+    if head_bias is not None:
+        b = head_bias.float()
+        a = h @ (head_weight.float().T @ b)
+        r = r + a[:, None] + a[None, :] + b @ b
+    return r
 
 
 def relation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], pooling: str = "batch") -> torch.Tensor:

@@ -1,4 +1,6 @@
-"""Teacher outputs -> cache rows: top-k log-probs (or sampled ids) at supervised positions.
+"""Teacher outputs -> cache rows: top-k log-probs (or sampled ids) at supervised positions
+(response) and at visual positions (MDist), relation matrices at visual positions (RDist),
+and answer log-probs of preference pairs.
 
 The output head runs only on the rows that become targets: the LLM's final hidden states
 are gathered at the supervised rows first, and the head plus log-softmax run in chunks of
@@ -12,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from storage.schema import CacheRow, TokenTargets, token_digest
+from storage.schema import CacheRow, Preference, TokenTargets, token_digest
 from storage.tables import raw_table
+from student.losses import relation_matrix
 
 IGNORE_INDEX = -100
 
@@ -87,38 +90,118 @@ def supervised_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return b, t
 
 
+def visual_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int | None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch index, position) of every visual (image) token, row-major."""
+    if image_token_id is None:
+        return torch.nonzero(torch.zeros_like(input_ids, dtype=torch.bool), as_tuple=True)
+    return torch.nonzero((input_ids == image_token_id) & attention_mask.bool(), as_tuple=True)
+
+
+@torch.no_grad()
+def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+                   chunk_rows: int = 1024) -> torch.Tensor:
+    """log softmax(head(hidden))[target] for rows hidden [N, d], targets [N]: float32 [N],
+    chunked over rows, head in fp32."""
+    weight = head.weight.float()
+    bias = head.bias.float() if getattr(head, "bias", None) is not None else None
+    out = []
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logits = torch.nn.functional.linear(hidden[start:start + chunk_rows].float(), weight, bias)
+        out.append(torch.log_softmax(logits, -1).gather(-1, targets[start:start + chunk_rows, None])[:, 0])
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+def head_gram(head: torch.nn.Module) -> torch.Tensor:
+    """G = W^T W [d, d] in fp32 of a linear output head: computed once per teacher, it turns
+    every relation matrix into H G H^T (student.losses.relation_matrix)."""
+    w = head.weight.float()
+    return w.T @ w
+
+
+def _targets(hidden_rows, head, mode, k, draws, temperature, generator) -> dict:
+    """Top-k or sampled targets of rows hidden_rows [n, d], as numpy arrays."""
+    if mode == "topk":
+        ids, lps, left = (x.cpu().numpy() for x in topk_logprobs(hidden_rows, head, k, temperature))
+        return {"ids": ids, "logprobs": lps, "leftover": left}
+    if mode == "sampled":
+        ids, counts = (x.cpu().numpy() for x in sampled_ids(hidden_rows, head, draws, temperature, generator))
+        return {"ids": ids, "counts": counts}
+    raise ValueError(f"mode {mode!r}: choose topk or sampled")
+
+
+def _per_sample(b: torch.Tensor, t: torch.Tensor, targets: dict, n: int) -> list[TokenTargets]:
+    """Split row-major targets of rows (b, t) into one TokenTargets per batch sample."""
+    b, t = b.cpu().numpy(), t.cpu().numpy()
+    return [TokenTargets(t[b == r], **{name: a[b == r] for name, a in targets.items()}) for r in range(n)]
+
+
 @torch.no_grad()
 def extract_rows(model, batch: dict[str, torch.Tensor], sample_ids: list[str], image_token_id: int | None,
                  mode: str = "topk", k: int = 64, draws: int = 32, temperature: float = 1.0,
-                 generator: torch.Generator | None = None) -> pa.Table:
-    """Run the teacher on one batch and return its response targets as a RAW_SCHEMA table
-    (storage.schema): top-k log-probs + leftover (mode="topk") or sampled ids + counts
-    (mode="sampled").
+                 generator: torch.Generator | None = None, records: tuple[str, ...] = ("response",),
+                 gram: torch.Tensor | None = None) -> pa.Table:
+    """Run the teacher on one batch and return the asked record kinds as a RAW_SCHEMA
+    table (storage.schema), one row per sample:
+
+    - "response": for the supervised token at t, the distribution of the logits at t-1
+      (top-k log-probs + leftover, mode="topk"; or sampled ids + counts, mode="sampled");
+    - "visual": the same at every image-token position t, from the logits AT t (MDist);
+    - "relation": R = Z Z^T of the raw logits Z at the image-token positions, computed as
+      H G H^T (gram = head_gram(head), pass it to compute it once per teacher).
 
     batch tensors are on the model's device; labels mark supervised tokens (unshifted).
-    The target of the supervised token at t is the distribution from the logits at t-1.
+    The LLM body runs once; the output head only on the rows that become targets.
     """
     hidden = final_hidden_states(model, batch)
-    b, t = supervised_rows(batch["labels"])
     head = model.get_output_embeddings()
-    if mode == "topk":
-        ids, lps, left = (x.cpu().numpy() for x in topk_logprobs(hidden[b, t - 1], head, k, temperature))
-        counts = None
-    elif mode == "sampled":
-        ids, counts = (x.cpu().numpy() for x in sampled_ids(hidden[b, t - 1], head, draws, temperature, generator))
-        lps = left = None
-    else:
-        raise ValueError(f"mode {mode!r}: choose topk or sampled")
-    b, t = b.cpu().numpy(), t.cpu().numpy()
+    n = len(sample_ids)
+    kinds: dict[str, list] = {}
+    if "response" in records:
+        b, t = supervised_rows(batch["labels"])
+        kinds["response"] = _per_sample(b, t, _targets(hidden[b, t - 1], head, mode, k, draws, temperature, generator), n)
+    if "visual" in records or "relation" in records:
+        b, t = visual_rows(batch["input_ids"], batch["attention_mask"], image_token_id)
+    if "visual" in records:
+        kinds["visual"] = _per_sample(b, t, _targets(hidden[b, t], head, mode, k, draws, temperature, generator), n)
+    if "relation" in records:
+        if gram is None:
+            gram = head_gram(head)
+        bias = getattr(head, "bias", None)
+        kinds["relation"] = [relation_matrix(hidden[r, t[b == r]], head.weight, bias, gram).cpu().numpy()
+                             if (b == r).any() else np.zeros((0, 0), np.float32) for r in range(n)]
     input_ids = batch["input_ids"].cpu().numpy()
     lengths = batch["attention_mask"].sum(-1).cpu().numpy()
     rows = []
     for r, sid in enumerate(sample_ids):
-        sel = b == r
         seq = input_ids[r, : lengths[r]]
-        pick = (lambda a: a[sel] if a is not None else None)  # noqa: E731
         rows.append(CacheRow(sid, token_digest(seq, image_token_id), seq,
-                             response=TokenTargets(t[sel], ids[sel], pick(lps), pick(left), pick(counts))))
+                             **{kind: values[r] for kind, values in kinds.items()}))
+    return raw_table(rows)
+
+
+@torch.no_grad()
+def extract_preference_rows(model, batch: dict[str, torch.Tensor], pair_ids: list[str],
+                            image_token_id: int | None) -> pa.Table:
+    """The teacher as the reference model of preference distillation: for P pairs, batch
+    holds 2P sequences, the P chosen then the P rejected (same order as pair_ids), with
+    labels on the answer tokens. Returns one RAW row per pair: the chosen sequence's ids
+    and the summed and per-token log-probs of both answers (shifted: the logits at t-1
+    score the token at t)."""
+    hidden = final_hidden_states(model, batch)
+    b, t = supervised_rows(batch["labels"])
+    lp = token_logprobs(hidden[b, t - 1], model.get_output_embeddings(), batch["labels"][b, t]).cpu().numpy()
+    b = b.cpu().numpy()
+    input_ids = batch["input_ids"].cpu().numpy()
+    lengths = batch["attention_mask"].sum(-1).cpu().numpy()
+    p = len(pair_ids)
+    rows = []
+    for r, pid in enumerate(pair_ids):
+        chosen, rejected = lp[b == r], lp[b == p + r]
+        seq = input_ids[r, : lengths[r]]
+        pref = Preference(float(chosen.astype(np.float64).sum()), float(rejected.astype(np.float64).sum()),
+                          chosen, rejected, token_digest(input_ids[p + r, : lengths[p + r]], image_token_id))
+        rows.append(CacheRow(pid, token_digest(seq, image_token_id), seq, preference=pref))
     return raw_table(rows)
 
 

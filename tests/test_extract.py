@@ -95,3 +95,72 @@ def test_sampled_ids_are_an_unbiased_estimate_of_the_teacher():
     est /= reps
     se = (p * (1 - p) / (draws * reps)).sqrt()
     assert ((est - p).abs() <= 5 * se + 1e-9).all()
+
+
+def _batch(processor, demo_dir, n=4, split="train.json"):
+    samples = read_llava(demo_dir / split)[:n]
+    enc = [encode_sample(processor, s, load_image(demo_dir, s), 128) for s in samples]
+    return samples, enc, to_device(collate(enc, processor.tokenizer.pad_token_id), "cpu", torch.float32)
+
+
+def _full_logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     pixel_values=batch["pixel_values"]).logits.double()
+
+
+def test_visual_targets_and_relations_match_the_full_logits(teacher_dir, demo_dir):
+    """MDist targets are the distributions AT the image positions (unshifted); RDist's R,
+    computed as H (W^T W) H^T, equals the naive Z Z^T of the materialised logits."""
+    model, processor = load_teacher(str(teacher_dir), "float32", "cpu")
+    samples, enc, batch = _batch(processor, demo_dir)
+    img = image_token_id(processor)
+    k = 5
+    raw = extract_rows(model, batch, [s.id for s in samples], img, "topk", k,
+                       records=("response", "visual", "relation"))
+    settings = TargetSettings(model.config.get_text_config().vocab_size, "topk", k, CodecSettings())
+    stored = encode_raw(raw, settings)
+    rows = decode_stored(stored, _order(stored), settings)
+    logits = _full_logits(model, batch)
+    for i, (row, e) in enumerate(zip(rows, enc)):
+        pos = np.nonzero(e.input_ids == img)[0]
+        assert len(pos) > 0 and (row.visual.positions == pos).all()
+        ref_vals, ref_ids = torch.log_softmax(logits[i, pos], -1).topk(k, -1)  # unshifted
+        assert (np.sort(row.visual.ids, 1) == np.sort(ref_ids.numpy(), 1)).all()
+        got = np.take_along_axis(row.visual.logprobs, np.argsort(row.visual.ids, 1), 1)
+        want = np.take_along_axis(ref_vals.numpy(), np.argsort(ref_ids.numpy(), 1), 1)
+        assert np.all(np.abs(got - want) <= np.diff(LEVELS).max() / 2 + 1e-6)
+        z = logits[i, pos]  # raw logits at the visual positions
+        r = (z @ z.T).numpy()
+        r /= np.linalg.norm(r)
+        assert row.relation.shape == (len(pos), len(pos))
+        assert np.abs(row.relation - r).max() < 2e-3  # fp16 storage of the normalised matrix
+        cos = (row.relation * r).sum() / np.linalg.norm(row.relation)
+        assert cos > 0.99999
+
+
+def test_preference_rows_are_the_teachers_answer_logprobs(teacher_dir, demo_dir):
+    from pipelines.samples import read_preference
+
+    model, processor = load_teacher(str(teacher_dir), "float32", "cpu")
+    pairs = read_preference(demo_dir / "preference.jsonl")[:3]
+    enc = [encode_sample(processor, p.sample(w), load_image(demo_dir, p.sample(w)), 128)
+           for w in ("chosen", "rejected") for p in pairs]
+    batch = to_device(collate(enc, processor.tokenizer.pad_token_id), "cpu", torch.float32)
+    img = image_token_id(processor)
+    from teacher_cache.extract import extract_preference_rows
+
+    raw = extract_preference_rows(model, batch, [p.id for p in pairs], img)
+    logp = torch.log_softmax(_full_logits(model, batch), -1)
+    for i, p in enumerate(pairs):
+        ref = []
+        for j in (i, len(pairs) + i):
+            pos = np.nonzero(enc[j].labels != -100)[0]
+            ref.append(logp[j, pos - 1, torch.as_tensor(enc[j].labels[pos])].numpy())
+        assert raw.column("sample_id")[i].as_py() == p.id
+        assert abs(raw.column("chosen_logprob")[i].as_py() - ref[0].sum()) < 1e-4
+        assert abs(raw.column("rejected_logprob")[i].as_py() - ref[1].sum()) < 1e-4
+        assert np.allclose(raw.column("chosen_token_logprobs")[i].as_py(), ref[0], atol=1e-5)
+        assert np.allclose(raw.column("rejected_token_logprobs")[i].as_py(), ref[1], atol=1e-5)
+        assert raw.column("rejected_token_digest")[i].as_py() == token_digest(enc[len(pairs) + i].input_ids, img)
+        assert ref[0].sum() != ref[1].sum()

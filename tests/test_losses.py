@@ -195,6 +195,9 @@ def test_relation_matrix_via_gram_equals_naive_z_zt():
     assert torch.allclose(got.double(), ref, rtol=1e-4, atol=1e-3)
     gram = w.T @ w
     assert torch.allclose(relation_matrix(h, w, gram=gram), got)
+    b = torch.randn(V)
+    zb = z + b.double()
+    assert torch.allclose(relation_matrix(h, w, head_bias=b).double(), zb @ zb.T, rtol=1e-4, atol=1e-3)
     # bf16 hidden states are computed in fp32
     assert relation_matrix(h.bfloat16(), w).dtype == torch.float32
 

@@ -88,3 +88,49 @@ def test_other_settings_are_refused_unless_new_cache(ray_local, teacher_dir, dem
     other.new_cache = True
     run_teacher_pass(other, log=lambda *_: None)
     assert TeacherCache(other.output).k == 3
+
+
+def test_visual_relation_and_preference_caches(ray_local, teacher_dir, demo_dir, tmp_path):
+    """The pass writes every record kind asked for, one row per sample (or pair), and the
+    student-side reader gets them back; visual rows equal the extraction of one batch."""
+    from pipelines.samples import read_preference
+    from pipelines.preprocess import image_token_id
+    from teacher_cache.extract import extract_rows, to_device
+
+    cfg = _cfg(teacher_dir, demo_dir, tmp_path / "vis", records="response,visual,relation")
+    m = run_teacher_pass(cfg, log=lambda *_: None)
+    assert m.record_kinds == ["response", "visual", "relation"] and "image tokens" in m.extraction["positions"]
+    cache = TeacherCache(cfg.output)
+    assert cache.verify() == []
+    rows = cache.rows()
+    model, processor = load_teacher(str(teacher_dir), "float32", "cpu")
+    s = read_llava(demo_dir / "train.json")[3]
+    enc = encode_sample(processor, s, load_image(demo_dir, s), 2048)
+    batch = to_device(collate([enc], processor.tokenizer.pad_token_id), "cpu", torch.float32)
+    from storage.tables import raw_table  # noqa: F401  (the same RAW path the workers use)
+
+    raw = extract_rows(model, batch, [s.id], image_token_id(processor), "topk", 5, records=("visual", "relation"))
+    assert (np.asarray(raw.column("visual_positions")[0].as_py()) == rows[s.id].visual.positions).all()
+    assert rows[s.id].relation.shape == (len(rows[s.id].visual), len(rows[s.id].visual))
+
+    pcfg = TeacherPassConfig(teacher=str(teacher_dir), data=str(demo_dir / "preference.jsonl"),
+                             image_root=str(demo_dir), output=str(tmp_path / "pref"), records="preference",
+                             batch_size=4, rows_per_shard=16)
+    pm = run_teacher_pass(pcfg, log=lambda *_: None)
+    assert pm.record_kinds == ["preference"] and pm.complete
+    prefs = TeacherCache(pcfg.output).rows()
+    pairs = read_preference(demo_dir / "preference.jsonl")
+    assert sorted(prefs) == sorted(p.id for p in pairs)
+    r = prefs[pairs[0].id].preference
+    assert np.isclose(r.chosen_logprob, r.chosen_token_logprobs.astype(np.float64).sum(), atol=1e-3)
+    assert r.chosen_logprob < 0 and r.rejected_logprob < 0
+
+
+def test_records_are_checked():
+    from pipelines.teacher_pass import parse_records
+
+    assert parse_records("relation, response") == ["response", "relation"]
+    with pytest.raises(ValueError, match="choose from"):
+        parse_records("response,logits")
+    with pytest.raises(ValueError, match="separate cache"):
+        parse_records("response,preference")
