@@ -40,6 +40,13 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_recipe(args) -> int:
+    from pipelines.recipe import run_recipe
+
+    run_recipe(args.recipe, stage=args.stage, fresh=args.fresh, root=args.root, workdir=args.workdir)
+    return 0
+
+
 def cmd_eval(args) -> int:
     from student.evaluate import evaluate
 
@@ -117,7 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     with_config("demo", DemoConfig, cmd_demo, "Run the whole loop on the synthetic data set and print the results table.")
     with_config("teacher-pass", TeacherPassConfig, cmd_teacher_pass,
                 "Run the teacher once over a data set and write (or resume) a cache.")
-    with_config("train", TrainConfig, cmd_train, "Train a model: CE only, or CE + distillation from a cache.")
+    with_config("train", TrainConfig, cmd_train, "Train one stage: CE only, CE + distillation terms from a cache, "
+                "or preference distillation.")
+
+    rc = sub.add_parser("recipe", help="Run a stage recipe (configs/recipes/*.yaml): every stage in order, "
+                                       "each from the previous stage's model; finished stages are skipped.")
+    rc.add_argument("recipe", help="recipe YAML, e.g. configs/recipes/llava_kd.yaml")
+    rc.add_argument("--stage", help="run only this stage (the previous stage's model must exist)")
+    rc.add_argument("--root", default="runs/demo", help="replaces {root} in the recipe (default: runs/demo)")
+    rc.add_argument("--workdir", help="where stage folders go (default: the recipe's workdir)")
+    rc.add_argument("--fresh", action="store_true", help="retrain stages that are already done")
+    rc.set_defaults(func=cmd_recipe)
 
     ev = sub.add_parser("eval", help="Exact match (and KL to the teacher, from a cache) on a split.")
     ev.add_argument("--model", required=True, help="model folder (with its processor)")

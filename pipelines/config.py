@@ -97,10 +97,10 @@ def _nest(flat: dict) -> dict:
     return out
 
 
-def _merge(a: dict, b: dict) -> dict:
+def merge_dicts(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -112,5 +112,5 @@ def load_config(cls, yaml_path: str | Path | None = None, flags: dict | None = N
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of config keys")
         data = loaded
-    data = _merge(data, _nest(flags or {}))
+    data = merge_dicts(data, _nest(flags or {}))
     return from_dict(cls, data, where="" if not yaml_path else f"{yaml_path}: ")

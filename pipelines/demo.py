@@ -3,11 +3,17 @@
     1. data      synthetic shapes VQA (LLaVA format) + preference pairs
     2. teacher   a LLaVA built from config, trained with mmkd's trainer (CE), saved as an
                  ordinary Hugging Face folder
-    3. cache     the Ray teacher pass over the train split (targets for distillation) and
-                 the test split (targets for measuring KL to the teacher)
-    4. students  (a) CE only and (b) CE + mimic KL from the cache: same smaller
-                 architecture, same training subset, no teacher loaded
-    5. eval      exact match and KL to the teacher on the test split -> results table
+    3. cache     the Ray teacher pass over the train split (response, visual and relation
+                 records), the test split (response targets, for KL to the teacher) and the
+                 preference pairs (the teacher's answer log-probs)
+    4. students  one stage each, same smaller architecture and training subset, no teacher
+                 loaded: (a) CE only, (b) + response KD, (c) + MDist's visual term,
+                 (d) + RDist (= LLaVA-KD's loss)
+    5. recipes   configs/recipes/llava_kd.yaml (DPT -> SFT -> DFT) and llava_mod.yaml
+                 (adaptor init -> mimic dense -> mimic sparse MoE -> preference), both
+                 starting from student (a)
+    6. eval      exact match, KL to the teacher, hallucination rate on existence questions
+                 about absent objects (POPE-style) on the test split -> results table
 
 Each step writes a marker when done; re-running the demo in the same workdir skips
 finished steps (``--fresh`` starts over).
@@ -63,6 +69,7 @@ def _step(name: str, marker: Path, fresh: bool, fn, log):
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     from pipelines.demo_data import write_demo_dataset
     from pipelines.demo_processor import build_demo_processor
+    from pipelines.recipe import run_recipe
     from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
     from student.evaluate import evaluate
     from student.train import TrainConfig, train
@@ -79,7 +86,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         build_demo_processor(proc)
         return {"train": cfg.num_train, "val": cfg.num_val, "test": cfg.num_test}
 
-    _step("1/5 data set", marks / "data.json", False, make_data, log)
+    _step("1/6 data set", marks / "data.json", False, make_data, log)
 
     # Small data, many epochs: encode each sample once and keep it (no loader processes).
     common = dict(image_root=str(data), processor=str(proc), batch_size=cfg.batch_size, seed=cfg.seed,
@@ -93,39 +100,59 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         log(f"   teacher val exact match: {val['accuracy']:.3f}")
         return {"steps": s["steps"], "val_accuracy": val["accuracy"]}
 
-    _step("2/5 teacher (supervised training)", marks / "teacher.json", False, train_teacher, log)
+    _step("2/6 teacher (supervised training)", marks / "teacher.json", False, train_teacher, log)
 
-    def cache(split):
-        def run():
-            m = run_teacher_pass(TeacherPassConfig(
-                teacher=str(w / "teacher"), data=str(data / f"{split}.json"), image_root=str(data),
-                output=str(w / "cache" / split), k=cfg.k, batch_size=64, rows_per_shard=1024), log)
-            return {"rows": m.num_rows, "bytes": sum(s.bytes for s in m.shards)}
-        return run
+    def cache(split, data_file, records):
+        return TeacherPassConfig(
+            teacher=str(w / "teacher"), data=str(data / data_file), image_root=str(data), output=str(w / "cache" / split),
+            records=records, k=cfg.k, batch_size=64, rows_per_shard=1024, new_cache=True)
 
-    _step("3/5 teacher pass (Ray) -> cache", marks / "cache.json", False,
-          lambda: {"train": cache("train")(), "test": cache("test")()}, log)
+    def run_caches():
+        out = {}
+        for split, data_file, records in (("train", "train.json", "response,visual,relation"),
+                                          ("test", "test.json", "response"),
+                                          ("preference", "preference.jsonl", "preference")):
+            m = run_teacher_pass(cache(split, data_file, records), log)
+            out[split] = {"rows": m.num_rows, "bytes": sum(s.bytes for s in m.shards), "records": records}
+        return out
+
+    _step("3/6 teacher pass (Ray) -> caches", marks / "caches.json", False, run_caches, log)
     _shutdown_ray()
 
     student = dict(data=str(data / "train.json"), arch=cfg.student_arch, subset=cfg.student_subset,
-                   epochs=cfg.student_epochs, lr=cfg.student_lr, **common)
+                   epochs=cfg.student_epochs, lr=cfg.student_lr, cache=str(w / "cache" / "train"), **common)
     runs = {
-        "student (a) CE only": TrainConfig(output_dir=str(w / "student_ce"), **student),
-        "student (b) CE + KD from cache": TrainConfig(output_dir=str(w / "student_kd"),
-                                                      cache=str(w / "cache" / "train"), **student),
+        "(a) CE only": TrainConfig(output_dir=str(w / "student_ce"), **{**student, "cache": None}),
+        "(b) + KD (response top-k)": TrainConfig(output_dir=str(w / "student_kd"), **student),
+        "(c) + MDist visual term": TrainConfig(output_dir=str(w / "student_mdist"), visual_weight=1.0, **student),
+        "(d) + RDist (LLaVA-KD loss)": TrainConfig(output_dir=str(w / "student_rdist"), visual_weight=1.0,
+                                                   relation_weight=1.0, **student),
     }
     for i, (name, tc) in enumerate(runs.items()):
-        _step(f"4/5 {name}", marks / f"student{i}.json", False, lambda tc=tc: {"steps": train(tc, log)["steps"]}, log)
+        _step(f"4/6 student {name}", marks / f"student{i}.json", False,
+              lambda tc=tc: {"steps": train(tc, log)["steps"]}, log)
+
+    recipes = Path(__file__).resolve().parents[1] / "configs" / "recipes"
+    for recipe in ("llava_kd", "llava_mod"):
+        _step(f"5/6 recipe {recipe}", marks / f"recipe_{recipe}.json", False,
+              lambda r=recipe: {s: v["steps"] for s, v in run_recipe(recipes / f"{r}.yaml", root=str(w), log=log).items()},
+              log)
+    models = {"teacher": w / "teacher", **{f"student {n}": Path(tc.output_dir) for n, tc in runs.items()},
+              "LLaVA-KD recipe: DPT -> SFT -> DFT": w / "recipes" / "llava_kd" / "dft",
+              "LLaVA-MoD: adaptor -> mimic dense": w / "recipes" / "llava_mod" / "mimic_dense",
+              "LLaVA-MoD: -> mimic sparse (MoE, 4 experts top-2)": w / "recipes" / "llava_mod" / "mimic_sparse",
+              "LLaVA-MoD: -> preference (DPO)": w / "recipes" / "llava_mod" / "preference"}
 
     def run_eval():
         rows = {}
-        for name, path in [("teacher", w / "teacher")] + [(n, Path(tc.output_dir)) for n, tc in runs.items()]:
+        for name, path in models.items():
             rows[name] = evaluate(str(path), str(data / "test.json"), str(data), cache=str(w / "cache" / "test"))
             rows[name]["params"] = _params(path)
-            log(f"   {name}: exact match {rows[name]['accuracy']:.3f}, KL {rows[name]['kl_to_teacher']:.4f}")
+            log(f"   {name}: exact match {rows[name]['accuracy']:.3f}, KL {rows[name]['kl_to_teacher']:.4f}, "
+                f"hallucination {rows[name].get('hallucination_rate', float('nan')):.3f}")
         return rows
 
-    results = _step("5/5 evaluation on the test split", marks / "eval.json", True, run_eval, log)
+    results = _step("6/6 evaluation on the test split", marks / "eval.json", True, run_eval, log)
     results.pop("wall_s", None)
     table = results_table(results, cfg)
     (w / "results.md").write_text(table + "\n")
@@ -149,14 +176,18 @@ def _shutdown_ray() -> None:
 
 def results_table(results: dict, cfg: DemoConfig) -> str:
     tasks = sorted(next(iter(results.values()))["per_task"])
-    head = ["model", "params", "exact match", "KL to teacher (nats/token)"] + tasks
+    head = ["model", "params", "exact match", "KL to teacher (nats/token)", "hallucination (absent, said yes)"] + tasks
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         kl = max(r["kl_to_teacher"], 0.0)  # the teacher's own row is float16 rounding, +-1e-5
-        cells = [name, f"{r['params'] / 1e6:.2f}M", f"{r['accuracy']:.3f}", f"{kl:.4f}"]
+        hal = f"{r['hallucination_rate']:.3f}" if "hallucination_rate" in r else "-"
+        cells = [name, f"{r['params'] / 1e6:.2f}M", f"{r['accuracy']:.3f}", f"{kl:.4f}", hal]
         cells += [f"{r['per_task'][t]:.2f}" for t in tasks]
         lines.append("| " + " | ".join(cells) + " |")
     n = next(iter(results.values()))["samples"]
-    lines.append(f"\nTest split: {n} samples. Students: {cfg.student_subset} training samples, "
-                 f"{cfg.student_epochs} epochs; KD targets: teacher top-{cfg.k} + leftover mass.")
+    absent = next(iter(results.values())).get("absent_object_questions", 0)
+    lines.append(f"\nTest split: {n} samples ({absent} existence questions about absent objects). Students "
+                 f"(a)-(d): one stage, {cfg.student_subset} training samples, {cfg.student_epochs} epochs; KD "
+                 f"targets: teacher top-{cfg.k} + leftover mass. Recipes start from (a); stages and epochs in "
+                 "configs/recipes/. MoE params count all experts.")
     return "\n".join(lines)

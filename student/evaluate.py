@@ -18,13 +18,17 @@ from functools import partial
 
 import torch
 
-from pipelines.preprocess import IGNORE_INDEX
+from pipelines.preprocess import image_token_id
 from pipelines.samples import read_llava
 from storage.reader import TeacherCache
 from student.data import DistillDataset, check_student_vocab, collate_items
 from student.losses import sparse_forward_kl
 from student.model import load_model
-from student.train import SupervisedRows
+from student.train import StudentOutputs
+
+
+def _answer(sample) -> str:
+    return next(m["content"] for m in reversed(sample.messages) if m["role"] == "assistant").strip().lower()
 
 
 @torch.no_grad()
@@ -32,7 +36,10 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
              max_length: int = 256, device: str = "cpu") -> dict:
     """Metrics of the model saved at model_path on the samples in `data`:
     accuracy (exact match), accuracy per task (the samples' "task" field, if any),
-    kl_to_teacher (nats per supervised token; only with a cache), samples, tokens."""
+    kl_to_teacher (nats per supervised token; only with a cache), samples, tokens, and,
+    when the data has existence questions (task "exists"), hallucination_rate: the
+    fraction of those about an ABSENT object that the model answers "yes" (POPE's
+    false-positive rate; the answer is the argmax at the first answer token)."""
     from transformers import AutoProcessor
 
     model = load_model(model_path, device=device).eval()
@@ -40,7 +47,9 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
     samples = read_llava(data)
     dataset = DistillDataset(samples, processor, image_root, max_length, TeacherCache(cache) if cache else None)
     check_student_vocab(dataset, model)
-    rows = SupervisedRows(model)
+    rows = StudentOutputs(model, image_token_id(processor))
+    yes_id = processor.tokenizer("yes", add_special_tokens=False)["input_ids"][0]
+    absent, said_yes = 0, 0  # existence questions whose answer is "no" (POPE-style)
     correct, per_task, per_task_n = 0, Counter(), Counter()
     kl_sum, kl_tokens, tokens = 0.0, 0, 0
     batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
@@ -48,9 +57,12 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
                                          collate_fn=partial(collate_items, pad_id=processor.tokenizer.pad_token_id))
     for idx, batch in zip(batches, loader):
         batch = {k: v.to(device) for k, v in batch.items()}
-        logits, targets = rows(batch["input_ids"], batch["attention_mask"], batch["labels"],
-                               batch.get("pixel_values"))
-        sample_of_row = torch.nonzero(batch["labels"] != IGNORE_INDEX, as_tuple=True)[0]
+        out = rows(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("pixel_values"))
+        logits, targets, sample_of_row = out["logits"], out["targets"], out["rows_sample"]
+        first = torch.ones_like(sample_of_row, dtype=torch.bool)
+        first[1:] = sample_of_row[1:] != sample_of_row[:-1]  # each sample's first answer token
+        first_pred = torch.full((len(idx),), -1, dtype=torch.long, device=device)
+        first_pred[sample_of_row[first]] = logits[first].argmax(-1)
         wrong = torch.zeros(len(idx), dtype=torch.long, device=device)
         wrong.index_add_(0, sample_of_row, (logits.argmax(-1) != targets).long())
         for j, i in enumerate(idx):
@@ -59,6 +71,9 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
             task = samples[i].meta.get("task", "all")
             per_task[task] += ok
             per_task_n[task] += 1
+            if task == "exists" and _answer(samples[i]) == "no":
+                absent += 1
+                said_yes += int(first_pred[j] == yes_id)
         if "target_logprobs" in batch:
             kl = sparse_forward_kl(logits, batch["target_ids"], batch["target_logprobs"], batch["target_leftover"],
                                    "bucket")
@@ -71,6 +86,9 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
         "samples": len(samples),
         "tokens": tokens,
     }
+    if absent:
+        out["hallucination_rate"] = said_yes / absent
+        out["absent_object_questions"] = absent
     if kl_tokens:  # top-k caches; a sampled cache holds no log-probs to compare with
         out["kl_to_teacher"] = kl_sum / kl_tokens
     return out

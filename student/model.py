@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
-    AutoModelForImageTextToText,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -72,6 +71,35 @@ def build_llava(arch: LlavaArch, processor, seed: int = 0) -> LlavaForConditiona
 
 
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
-    """Load a saved image-text-to-text model (any family transformers' Auto classes know)."""
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype)
-    return model.to(device)
+    """Load a saved image-text-to-text model (any family transformers' Auto classes know),
+    or an MoE student saved by mmkd (student.moe), in eval mode."""
+    from student.moe import load_student
+
+    return load_student(path, dtype).to(device)
+
+
+TRAINABLE = ("all", "projector", "llm+projector", "moe")
+
+
+def set_trainable(model, which: str) -> int:
+    """Freeze all parameters except the stage's (LLaVA-KD / LLaVA-MoD stages); returns the
+    number of trainable parameters.
+
+    all: everything. projector: the multimodal projector only (LLaVA-KD DPT, LLaVA-MoD
+    adaptor init). llm+projector: the LLM (incl. embeddings and output head) and the
+    projector; the vision tower stays frozen (SFT, DFT, mimic dense-to-dense, preference).
+    moe: the LLM's FFNs, experts and routers only (mimic dense-to-sparse).
+    """
+    if which not in TRAINABLE:
+        raise ValueError(f"trainable {which!r}: choose one of {TRAINABLE}")
+    if which == "moe":
+        from student.moe import trainable_moe_only
+
+        return trainable_moe_only(model)
+    inner = model.model
+    parts = {"all": [model], "projector": [inner.multi_modal_projector],
+             "llm+projector": [inner.language_model, inner.multi_modal_projector, model.lm_head]}[which]
+    model.requires_grad_(False)
+    for p in parts:
+        p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -23,8 +23,13 @@ Facts this module relies on (DeepSpeed 0.19.8, checked by tests/test_moe.py):
   as well would make the engine's call fail ("Attempting to override an existing
   ep_group"), so this module deliberately leaves the groups alone.
 * DeepSpeed's top-2 gate draws Gumbel noise to pick the second expert in eval mode too
-  (``top2_2nd_expert_sampling``). :class:`MoEMLP` switches that sampling off outside
-  training, so evaluation, generation and save/load round trips are deterministic.
+  (``top2_2nd_expert_sampling``), and its top-1 gate drops over-capacity tokens at random
+  (``use_rts``) in eval too. :class:`MoEMLP` switches both off outside training, so
+  evaluation, generation and save/load round trips are deterministic.
+* DeepSpeed's top-1 gate asserts "No. of tokens (batch-size) should be greater than
+  min_capacity", so a top-1 model cannot generate (B tokens per decoding step) with
+  B < min_capacity. :class:`MoEMLP` caps min_capacity at the token count, which routes
+  identically (every expert has room for all the tokens either way).
 * DeepSpeed's ``MOELayer`` keeps the last ``l_aux`` (with its graph) as an attribute, which
   makes ``copy.deepcopy`` of the model fail after a training forward ("Only Tensors created
   explicitly by the user (graph leaves) support the deepcopy protocol"). :class:`MoEMLP`
@@ -37,7 +42,6 @@ Saved MoE students are ordinary safetensors folders whose ``config.json`` carrie
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from dataclasses import asdict, dataclass, fields
@@ -63,8 +67,9 @@ class MoEConfig:
         and all-to-all traffic of upcycling every layer.
     capacity_factor / eval_capacity_factor: expert capacity (tokens an expert takes per
         forward) as a multiple of the even share, in training / eval. Top-2 gating doubles
-        it (DeepSpeed). Tokens over capacity are dropped (the layer outputs 0 for them and
-        the residual connection carries them) when drop_tokens is set.
+        it (DeepSpeed). With drop_tokens, routes over capacity are dropped: a token keeps
+        its other route at full weight, and a token that loses all its routes gets 0 from
+        the layer (the residual connection carries it).
     min_capacity: the least capacity per expert whatever the factor.
     drop_tokens: False gives every expert room for all its tokens (no dropping).
     aux_weight: the weight of the load-balancing loss (moe_aux_loss) in the training loss.
@@ -120,6 +125,7 @@ class MoEMLP(nn.Module):
 
         ref = next(dense_mlp.parameters())
         self.top2_sampling = cfg.top2_sampling
+        self.min_capacity = cfg.min_capacity
         # MoE deep-copies `expert` into every slot (Experts.__init__), so the dense module
         # itself is not kept: each expert is a separate copy of it.
         self.moe = MoE(hidden_size, expert=dense_mlp, num_experts=cfg.num_experts, ep_size=1, k=cfg.top_k,
@@ -140,7 +146,15 @@ class MoEMLP(nn.Module):
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.moe.deepspeed_moe.gate.top2_2nd_expert_sampling = self.top2_sampling and self.training
+        gate = self.moe.deepspeed_moe.gate
+        # Random routing choices (GShard's sampled second expert, top-1's random token
+        # selection when over capacity) in training only: eval and generation are deterministic.
+        gate.top2_2nd_expert_sampling = self.top2_sampling and self.training
+        gate.use_rts = self.training
+        # DeepSpeed's top-1 gate asserts tokens >= min_capacity, which a decoding step (B
+        # tokens) breaks. Below min_capacity tokens every expert has room for all of them
+        # either way, so capping min_capacity at the token count routes identically.
+        gate.min_capacity = min(self.min_capacity, x.numel() // x.shape[-1])
         out, l_aux, exp_counts = self.moe(x)
         # DeepSpeed keeps l_aux (graph included) on the MOELayer; a detached copy keeps the
         # model deep-copyable. This module's own l_aux is what moe_aux_loss() sums.

@@ -1,12 +1,22 @@
-"""The training recipe: supervised (CE) and mimic distillation from a teacher cache.
+"""The training recipe: one stage of supervised (CE), distillation and preference training
+from a teacher cache.
 
-Reads top to bottom: config -> distributed setup -> data -> model -> DeepSpeed engine ->
-loop (forward at supervised rows, CE + sparse KL, backward, step) -> save. The same recipe
-trains the demo's teacher (no cache, CE only) and the students.
+Reads top to bottom: config -> distributed setup -> data -> model (load / upcycle to MoE,
+freeze per stage) -> DeepSpeed engine -> loop (forward, loss terms, backward, step) -> save.
+The same recipe trains the demo's teacher (no cache, CE only) and every student stage of
+LLaVA-KD and LLaVA-MoD (pipelines/recipe.py chains stages).
 
-Loss per step:  ce_weight * CE  +  kd_weight * KL(teacher || student) on the cached top-k,
-both averaged over the batch's supervised tokens. The teacher's weights are never opened:
-its targets come from the cache rows (storage/) alone.
+objective="distill", loss per step (each term averaged over its rows):
+    ce_weight * CE                                  supervised tokens
+  + kd_weight * D(teacher || student)               response targets (shifted), top-k or sampled
+  + visual_weight * D(teacher || student)           visual targets AT the image tokens (MDist)
+  + relation_weight * (1 - cos(R_teacher, R_student))   relations of the image tokens (RDist)
+  + moe.aux_weight * load-balancing loss            MoE students
+where D is the divergence of `divergence` (forward KL by default) on the cached top-k.
+objective="preference": DPO or KTO-pair with the teacher's cached answer log-probs as the
+reference (+ ce_weight * CE on the chosen answers, + the MoE aux loss).
+
+The teacher's weights are never opened: its targets come from the cache rows (storage/).
 """
 
 from __future__ import annotations
@@ -22,17 +32,37 @@ from pathlib import Path
 
 import torch
 
-from pipelines.preprocess import IGNORE_INDEX
-from pipelines.samples import read_llava
+from pipelines.preprocess import IGNORE_INDEX, image_token_id
+from pipelines.samples import read_llava, read_preference
 from storage.reader import TeacherCache
-from student.data import DistillDataset, check_student_vocab, collate_items, rank_batches
-from student.losses import LEFTOVER_MODES, cross_entropy, sampled_kd, sparse_forward_kl
-from student.model import LlavaArch, build_llava
+from student.data import (
+    DistillDataset,
+    PreferenceDataset,
+    check_student_vocab,
+    collate_items,
+    collate_pairs,
+    rank_batches,
+)
+from student.losses import (
+    DIVERGENCES,
+    LEFTOVER_MODES,
+    PREFERENCE_LOSSES,
+    RELATION_POOLING,
+    cross_entropy,
+    preference_loss,
+    relation_loss,
+    relation_matrix,
+    sampled_kd,
+    sequence_logprobs,
+    sparse_divergence,
+)
+from student.model import TRAINABLE, LlavaArch, build_llava, load_model, set_trainable
+from student.moe import MoEConfig, moe_aux_loss, moe_param_groups, save_moe, upcycle
 
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # LLaVA conversation JSON/JSONL of training samples
+    data: str = ""  # LLaVA conversation JSON/JSONL (objective distill) or preference pairs JSONL
     image_root: str = ""  # folder the samples' image paths are relative to
     processor: str = ""  # processor folder (tokenizer, chat template, image processor)
     output_dir: str = ""  # where the trained model (HF folder) and logs go
@@ -40,9 +70,19 @@ class TrainConfig:
     init_from: str | None = None  # start from this saved model instead of random weights
     arch: LlavaArch = field(default_factory=LlavaArch)  # sizes when building from scratch
     subset: int = 0  # train on the first N samples after a seeded shuffle; 0 = all
+    objective: str = "distill"  # "distill" (CE + KD terms) or "preference" (DPO / KTO-pair)
+    trainable: str = "all"  # all | projector | llm+projector | moe (see student.model.set_trainable)
     ce_weight: float = 1.0
-    kd_weight: float = 1.0  # used only with a cache
+    kd_weight: float = 1.0  # response targets; used only with a cache
+    visual_weight: float = 0.0  # MDist visual term (needs a cache with visual records)
+    relation_weight: float = 0.0  # RDist (needs a cache with relation records)
+    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd, see student.losses
     kd_leftover: str = "bucket"  # "bucket" or "renormalize", see student.losses
+    relation_pooling: str = "batch"  # "batch" (one cosine over the batch, as the reference) or "sample"
+    preference_loss: str = "dpo"  # dpo | kto_pair (objective preference)
+    beta: float = 0.1  # preference loss temperature
+    upcycle: bool = False  # turn the (dense) initial model into an MoE student first
+    moe: MoEConfig = field(default_factory=MoEConfig)  # experts, top-k, capacity, aux_weight
     epochs: int = 1
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
     batch_size: int = 32  # per rank, per micro-step
@@ -88,20 +128,117 @@ def setup_distributed() -> tuple[int, int, str]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
-class SupervisedRows(torch.nn.Module):
-    """Wraps a LLaVA model: forward(batch) -> (logits [N, V] at the rows that predict the N
-    supervised tokens, their target ids [N]). The output head runs on those rows only."""
+class StudentOutputs(torch.nn.Module):
+    """Wraps a LLaVA model: forward(...) -> dict of what the loss terms need; the output
+    head runs only on the rows they use (never on all [B, T] positions).
 
-    def __init__(self, model):
+    logits [N, V]: at the rows that predict the N supervised tokens (shifted, t-1 for t),
+        row-major; targets [N] their token ids; rows_sample [N] the batch index of each.
+    visual_logits [M, V] (visual=True): AT the M image-token positions (unshifted), row-major.
+    relations (relation=True): per sample, R = Z Z^T [n, n] of the raw logits at its image
+        tokens, as H (W^T W) H^T (student.losses.relation_matrix; gradients reach H and W).
+    """
+
+    def __init__(self, model, image_token_id: int):
         super().__init__()
         self.model = model
+        self.image_token_id = image_token_id
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None):
+    def forward(self, input_ids, attention_mask, labels, pixel_values=None, visual: bool = False,
+                relation: bool = False) -> dict:
         hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask,
                                   pixel_values=pixel_values, use_cache=False).last_hidden_state
+        head = self.model.get_output_embeddings()
         b, t = torch.nonzero(labels != IGNORE_INDEX, as_tuple=True)
-        logits = self.model.get_output_embeddings()(hidden[b, t - 1])
-        return logits, labels[b, t]
+        out = {"logits": head(hidden[b, t - 1]), "targets": labels[b, t], "rows_sample": b}
+        if visual or relation:
+            vb, vt = torch.nonzero((input_ids == self.image_token_id) & attention_mask.bool(), as_tuple=True)
+        if visual:
+            out["visual_logits"] = head(hidden[vb, vt])
+        if relation:
+            w = head.weight.float()
+            gram = w.T @ w  # once per step, shared by the batch's samples
+            out["relations"] = [relation_matrix(hidden[r, vt[vb == r]], head.weight, head.bias, gram)
+                                for r in range(input_ids.shape[0])]
+        return out
+
+
+def _token_kd(logits: torch.Tensor, batch: dict, prefix: str, cfg: "TrainConfig") -> torch.Tensor:
+    """The sparse divergence of one token record kind (prefix "target" = response, "visual")."""
+    if f"{prefix}_counts" in batch:  # a sampled-mode cache: the unbiased estimator (forward KL)
+        return sampled_kd(logits, batch[f"{prefix}_ids"], batch[f"{prefix}_counts"])
+    return sparse_divergence(logits, batch[f"{prefix}_ids"], batch[f"{prefix}_logprobs"],
+                             batch[f"{prefix}_leftover"], cfg.divergence, cfg.kd_leftover)
+
+
+def distill_terms(out: dict, batch: dict, cfg: "TrainConfig") -> tuple[torch.Tensor, dict]:
+    """CE + the weighted KD terms the config turns on; (loss, {term: value})."""
+    ce = cross_entropy(out["logits"], out["targets"])
+    loss, terms = cfg.ce_weight * ce, {"ce": ce.item()}
+    if "target_ids" in batch and cfg.kd_weight > 0:
+        kd = _token_kd(out["logits"], batch, "target", cfg)
+        loss, terms["kd"] = loss + cfg.kd_weight * kd, kd.item()
+    if cfg.visual_weight > 0:
+        vkd = _token_kd(out["visual_logits"], batch, "visual", cfg)
+        loss, terms["visual_kd"] = loss + cfg.visual_weight * vkd, vkd.item()
+    if cfg.relation_weight > 0:
+        rel = relation_loss(out["relations"], list(batch["relation"]), cfg.relation_pooling)
+        loss, terms["relation"] = loss + cfg.relation_weight * rel, rel.item()
+    return loss, terms
+
+
+def preference_terms(out: dict, batch: dict, cfg: "TrainConfig") -> tuple[torch.Tensor, dict]:
+    """DPO / KTO-pair on the summed answer log-probs (2P sequences: chosen, then rejected)
+    with the teacher's cached log-probs as the reference; + ce_weight * CE on the chosen."""
+    p = batch["ref_chosen"].shape[0]
+    seq = sequence_logprobs(out["logits"], out["targets"], out["rows_sample"], 2 * p)
+    loss = preference_loss(seq[:p], seq[p:], batch["ref_chosen"], batch["ref_rejected"], cfg.preference_loss,
+                           cfg.beta)
+    terms = {cfg.preference_loss: loss.item(), "margin": (seq[:p] - seq[p:]).mean().item()}
+    if cfg.ce_weight > 0:
+        chosen = out["rows_sample"] < p
+        ce = cross_entropy(out["logits"][chosen], out["targets"][chosen])
+        loss, terms["ce"] = loss + cfg.ce_weight * ce, ce.item()
+    return loss, terms
+
+
+def used_record_kinds(cfg: "TrainConfig") -> tuple[str, ...]:
+    """The cache record kinds this stage's loss terms read."""
+    if cfg.objective == "preference":
+        return ("preference",)
+    kinds = ["response"]
+    if cfg.visual_weight > 0:
+        kinds.append("visual")
+    if cfg.relation_weight > 0:
+        kinds.append("relation")
+    return tuple(kinds)
+
+
+def check_config(cfg: "TrainConfig") -> None:
+    """Refuse option values and combinations the recipe cannot honour, before any work."""
+    for name, allowed in (("objective", ("distill", "preference")), ("trainable", TRAINABLE),
+                          ("divergence", DIVERGENCES), ("kd_leftover", LEFTOVER_MODES),
+                          ("relation_pooling", RELATION_POOLING), ("preference_loss", PREFERENCE_LOSSES)):
+        if getattr(cfg, name) not in allowed:
+            raise ValueError(f"{name} {getattr(cfg, name)!r}: choose one of {allowed}")
+    if (cfg.visual_weight > 0 or cfg.relation_weight > 0 or cfg.objective == "preference") and not cfg.cache:
+        raise ValueError("visual_weight, relation_weight and objective=preference read teacher targets: "
+                         "set cache to a teacher cache folder")
+    if cfg.objective == "preference" and cfg.keep_encoded:
+        raise ValueError("keep_encoded applies to objective=distill only")
+    if cfg.keep_encoded and cfg.num_workers:
+        raise ValueError("keep_encoded needs num_workers=0: worker processes cannot hand encodings back")
+    if cfg.upcycle and not cfg.init_from:
+        raise ValueError("upcycle starts from a trained dense model: set init_from")
+
+
+def describe_terms(cfg: "TrainConfig") -> str:
+    if cfg.objective == "preference":
+        return f"{cfg.preference_loss} (beta {cfg.beta}) against the teacher from {cfg.cache}"
+    if not cfg.cache:
+        return "CE only"
+    w = {"ce": cfg.ce_weight, "kd": cfg.kd_weight, "visual": cfg.visual_weight, "relation": cfg.relation_weight}
+    return " + ".join(f"{v:g}*{k}" for k, v in w.items() if v > 0) + f" ({cfg.divergence}) from {cfg.cache}"
 
 
 def lr_lambda(step: int, total: int, warmup: int) -> float:
@@ -113,8 +250,7 @@ def lr_lambda(step: int, total: int, warmup: int) -> float:
 
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run the recipe; returns a summary (steps, final loss terms, wall time)."""
-    if cfg.kd_leftover not in LEFTOVER_MODES:
-        raise ValueError(f"kd_leftover {cfg.kd_leftover!r}: choose one of {LEFTOVER_MODES}")
+    check_config(cfg)
     rank, world, device = setup_distributed()
     import deepspeed
     from transformers import AutoProcessor
@@ -125,32 +261,39 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     # Data: the samples re-encoded by the student's processor, joined with cached targets.
     processor = AutoProcessor.from_pretrained(cfg.processor)
-    samples = read_llava(cfg.data)
+    preference = cfg.objective == "preference"
+    samples = read_preference(cfg.data) if preference else read_llava(cfg.data)
     if cfg.subset:
         import random
 
         random.Random(cfg.seed).shuffle(samples)
         samples = samples[: cfg.subset]
     cache = TeacherCache(cfg.cache) if cfg.cache else None
-    if cfg.keep_encoded and cfg.num_workers:
-        raise ValueError("keep_encoded needs num_workers=0: worker processes cannot hand encodings back")
-    dataset = DistillDataset(samples, processor, cfg.image_root, cfg.max_length, cache, cfg.keep_encoded)
+    kinds = used_record_kinds(cfg)
+    if preference:
+        dataset = PreferenceDataset(samples, processor, cfg.image_root, cfg.max_length, cache)
+        collate_fn = partial(collate_pairs, pad_id=processor.tokenizer.pad_token_id)
+    else:
+        dataset = DistillDataset(samples, processor, cfg.image_root, cfg.max_length, cache, cfg.keep_encoded, kinds)
+        collate_fn = partial(collate_items, pad_id=processor.tokenizer.pad_token_id)
     steps_per_epoch = len(rank_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, 0)) // cfg.grad_accum
     total_steps = steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
 
-    # Model and engine.
-    if cfg.init_from:
-        from student.model import load_model
-
-        model = load_model(cfg.init_from)
-    else:
-        model = build_llava(cfg.arch, processor, seed=cfg.seed)
-    check_student_vocab(dataset, model)
+    # Model: load or build, upcycle to MoE, freeze what this stage does not train.
+    model = load_model(cfg.init_from) if cfg.init_from else build_llava(cfg.arch, processor, seed=cfg.seed)
+    if cfg.upcycle:
+        model = upcycle(model, cfg.moe)
+    is_moe = getattr(model.config, "mmkd_moe", None) is not None
+    if not preference:
+        check_student_vocab(dataset, model)
     n_params = sum(p.numel() for p in model.parameters())
-    wrapped = SupervisedRows(model)
-    optimizer = torch.optim.AdamW(wrapped.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n_trainable = set_trainable(model, cfg.trainable)
+    wrapped = StudentOutputs(model, image_token_id(processor)).train()
+    groups = (moe_param_groups(model, cfg.lr, cfg.weight_decay) if is_moe
+              else [{"params": [p for p in model.parameters() if p.requires_grad]}])
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = max(1, int(cfg.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_lambda, total=total_steps, warmup=warmup))
     ds_config = {
@@ -163,36 +306,31 @@ def train(cfg: TrainConfig, log=print) -> dict:
     }
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=ds_config)
-    log(f"[train] {n_params / 1e6:.2f}M params, {len(dataset)} samples, world {world}, "
-        f"{total_steps} steps, {'KD from ' + cfg.cache if cache else 'CE only'}")
+    log(f"[train] {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable: {cfg.trainable}"
+        f"{', MoE' if is_moe else ''}), {len(dataset)} {'pairs' if preference else 'samples'}, world {world}, "
+        f"{total_steps} steps, {describe_terms(cfg)}")
 
     # Loop.
     log_path = out_dir / "train_log.jsonl"
     log_file = open(log_path, "w") if rank == 0 else None
     step, t0, tokens, last = 0, time.time(), 0, {}
-    use_kd = cache is not None and cfg.kd_weight > 0
     for epoch in range(cfg.epochs):
         batches = rank_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                             prefetch_factor=4 if cfg.num_workers else None,
-                                             collate_fn=partial(collate_items, pad_id=processor.tokenizer.pad_token_id))
+                                             prefetch_factor=4 if cfg.num_workers else None, collate_fn=collate_fn)
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
             pix = batch.get("pixel_values")
             if pix is not None and cfg.dtype == "bfloat16":
                 pix = pix.to(torch.bfloat16)
-            logits, targets = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], pix)
-            ce = cross_entropy(logits, targets)
-            loss = cfg.ce_weight * ce
-            terms = {"ce": ce.item()}
-            if use_kd:
-                if "target_counts" in batch:  # a sampled-mode cache
-                    kd = sampled_kd(logits, batch["target_ids"], batch["target_counts"])
-                else:
-                    kd = sparse_forward_kl(logits, batch["target_ids"], batch["target_logprobs"],
-                                           batch["target_leftover"], mode=cfg.kd_leftover)
-                loss = loss + cfg.kd_weight * kd
-                terms["kd"] = kd.item()
+            out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], pix,
+                         visual=cfg.visual_weight > 0, relation=cfg.relation_weight > 0)
+            loss, terms = (preference_terms if preference else distill_terms)(out, batch, cfg)
+            if is_moe and cfg.moe.aux_weight > 0:
+                aux = moe_aux_loss(model)
+                loss = loss + cfg.moe.aux_weight * aux
+                terms["moe_aux"] = aux.item()
+            targets = out["targets"]
             engine.backward(loss)
             engine.step()
             tokens += int(targets.numel())
@@ -218,7 +356,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                "config": asdict(cfg)}
     if rank == 0:
         log_file.close()
-        model.save_pretrained(out_dir)
+        save_moe(model, out_dir) if is_moe else model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
