@@ -107,8 +107,6 @@ def test_visual_relation_and_preference_caches(ray_local, teacher_dir, demo_dir,
     s = read_llava(demo_dir / "train.json")[3]
     enc = encode_sample(processor, s, load_image(demo_dir, s), 2048)
     batch = to_device(collate([enc], processor.tokenizer.pad_token_id), "cpu", torch.float32)
-    from storage.tables import raw_table  # noqa: F401  (the same RAW path the workers use)
-
     raw = extract_rows(model, batch, [s.id], image_token_id(processor), "topk", 5, records=("visual", "relation"))
     assert (np.asarray(raw.column("visual_positions")[0].as_py()) == rows[s.id].visual.positions).all()
     assert rows[s.id].relation.shape == (len(rows[s.id].visual), len(rows[s.id].visual))
