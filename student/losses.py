@@ -166,7 +166,7 @@ def relation_matrix(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: 
     return r
 
 
-def relation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], pooling: str = "batch") -> torch.Tensor:
+def relation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], pooling: str = "sample") -> torch.Tensor:
     """RDist: 1 - cosine between the student's and the teacher's relation matrices.
 
     student, teacher: one [n, n] matrix per sample (n may differ between samples, must

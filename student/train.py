@@ -78,7 +78,7 @@ class TrainConfig:
     relation_weight: float = 0.0  # RDist (needs a cache with relation records)
     divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd, see student.losses
     kd_leftover: str = "bucket"  # "bucket" or "renormalize", see student.losses
-    relation_pooling: str = "batch"  # "batch" (one cosine over the batch, as the reference) or "sample"
+    relation_pooling: str = "sample"  # "sample" (mean of per-sample cosines) or "batch" (one pooled cosine; see docs/methods.md)
     preference_loss: str = "dpo"  # dpo | kto_pair (objective preference)
     beta: float = 0.1  # preference loss temperature
     upcycle: bool = False  # turn the (dense) initial model into an MoE student first
