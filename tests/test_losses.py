@@ -146,13 +146,18 @@ def test_every_divergence_at_full_vocabulary_is_the_dense_one(divergence, mode):
     assert torch.allclose(g.double(), g_ref, atol=1e-5)
 
 
+def _case(seed, N, V, k, scale):
+    """Random teacher/student logits, the teacher's top-k, and both dense distributions."""
+    torch.manual_seed(seed)
+    t, s = torch.randn(N, V) * scale, torch.randn(N, V)
+    ids, vals, left = _teacher_topk(t, k)
+    return t, s, ids, vals, left, torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+
+
 @pytest.mark.parametrize("divergence", DIVERGENCES)
 def test_bucket_divergences_on_the_coarsened_distributions(divergence):
-    torch.manual_seed(6)
-    N, V, k = 9, 40, 4
-    t, s = torch.randn(N, V) * 3, torch.randn(N, V)
-    ids, vals, left = _teacher_topk(t, k)
-    p, q = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+    N, V = 9, 40
+    t, s, ids, vals, left, p, q = _case(6, N, V, k=4, scale=3)
     ref = 0.0
     for n in range(N):
         rest = [i for i in range(V) if i not in set(ids[n].tolist())]
@@ -166,11 +171,8 @@ def test_bucket_divergences_on_the_coarsened_distributions(divergence):
 
 @pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
 def test_renormalize_reverse_and_jsd_use_both_top_k_renormalised(divergence):
-    torch.manual_seed(7)
-    N, V, k = 8, 30, 5
-    t, s = torch.randn(N, V) * 2, torch.randn(N, V)
-    ids, vals, left = _teacher_topk(t, k)
-    p, q = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+    N = 8
+    t, s, ids, vals, left, p, q = _case(7, N, V=30, k=5, scale=2)
     ref = 0.0
     for n in range(N):
         pk, qk = p[n, ids[n]], q[n, ids[n]]
