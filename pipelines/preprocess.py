@@ -5,6 +5,11 @@ student, which rebuilds each sequence from the sample with its own processor and
 against the cache (DESIGN invariant 1). One function means a student with the teacher's
 tokenizer and template builds exactly the teacher's sequence.
 
+Model families: the image's visual-token count and its model inputs come from the
+processor itself (one call on the image alone), so fixed-resolution LLaVA-1.5, any-resolution
+LLaVA-OneVision (count depends on the image size) and Qwen2-VL / Qwen2.5-VL (dynamic
+resolution, ``image_grid_thw``) go through the same code.
+
 Supervision: every assistant turn is supervised. Its characters are found by rendering
 the conversation up to the turn with and without it (the generation prompt included in the
 former), which works for any chat template whose renderings extend each other; the tokens
@@ -31,13 +36,21 @@ class Encoded:
     input_ids: int64 [T], image placeholders already expanded to the visual token count.
     labels: int64 [T], the token id at supervised positions and -100 elsewhere (unshifted:
         the logits at t-1 predict labels[t]).
-    pixel_values: float32 [1, 3, H, W] or None.
+    vision: the image processor's model inputs for this sample's image, keyed by the
+        model's argument names; empty without an image. Always "pixel_values" (float32:
+        [1, 3, H, W] LLaVA-1.5; [1, patches, 3, H, W] LLaVA-OneVision; [patches, C*t*p*p]
+        Qwen2-VL), plus "image_sizes" [1, 2] (OneVision) or "image_grid_thw" [1, 3] (Qwen2-VL).
     """
 
     sample_id: str
     input_ids: np.ndarray
     labels: np.ndarray
-    pixel_values: np.ndarray | None
+    vision: dict[str, np.ndarray]
+
+
+# The image inputs of the supported families' forward(): LLaVA-1.5 pixel_values;
+# LLaVA-OneVision + image_sizes; Qwen2-VL / Qwen2.5-VL + image_grid_thw.
+VISION_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
 
 
 def to_content_list(text: str) -> list[dict]:
@@ -60,16 +73,27 @@ def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
     return templater.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
+def process_image(processor, image: Image.Image) -> tuple[int, dict[str, np.ndarray]]:
+    """(visual-token count, model inputs) of one image: the processor expands one image
+    placeholder for it, so the count is the family's own (fixed for LLaVA-1.5, size-dependent
+    for LLaVA-OneVision and Qwen2-VL)."""
+    out = processor(text=processor.image_token, images=[image], return_tensors="np")
+    n = int((out["input_ids"][0] == image_token_id(processor)).sum())
+    vision = {k: np.asarray(out[k]) for k in VISION_KEYS if k in out}
+    if "pixel_values" in vision:
+        vision["pixel_values"] = vision["pixel_values"].astype(np.float32)
+    return n, vision
+
+
 @lru_cache(maxsize=8)
 def _image_token_count(processor) -> int:
-    blank = Image.new("RGB", (32, 32))  # the processor resizes it to the model's resolution
-    out = processor(text=processor.image_token, images=[blank], return_tensors="np")
-    return int((out["input_ids"][0] == image_token_id(processor)).sum())
+    return process_image(processor, Image.new("RGB", (32, 32)))[0]
 
 
 def image_token_count(processor) -> int:
-    """How many visual tokens one image becomes in the LLM's sequence (fixed-resolution
-    models: LLaVA-1.5 style)."""
+    """How many visual tokens a reference image (32x32, resized by the processor) becomes:
+    THE count for fixed-resolution models (LLaVA-1.5); for any-resolution families the count
+    varies per image and is checked per sample (student.data.check_alignment)."""
     return _image_token_count(processor)
 
 
@@ -78,13 +102,13 @@ def image_token_id(processor) -> int:
 
 
 def encode_sample(processor, sample: Sample, image: Image.Image | None, max_length: int) -> Encoded:
-    """Build input_ids / labels / pixel_values for one sample (see module docstring).
+    """Build input_ids / labels / vision inputs for one sample (see module docstring).
 
     Raises SampleError naming the sample when the sequence is longer than max_length or
     no supervised token survives.
     """
     msgs = sample.messages
-    n_img = image_token_count(processor) if image is not None else 0
+    n_img, vision = process_image(processor, image) if image is not None else (0, {})
     expand = lambda s: s.replace(processor.image_token, processor.image_token * n_img)  # noqa: E731
     full = expand(render(processor, msgs, add_generation_prompt=False))
     spans = []
@@ -114,16 +138,15 @@ def encode_sample(processor, sample: Sample, image: Image.Image | None, max_leng
     if not supervised.any():
         raise SampleError(f"sample {sample.id}: no supervised token (empty assistant turns?)")
     labels = np.where(supervised, ids, IGNORE_INDEX)
-    pixel_values = None
-    if image is not None:
-        pixel_values = processor.image_processor(images=[image], return_tensors="np")["pixel_values"]
-        pixel_values = pixel_values.astype(np.float32)
-    return Encoded(sample.id, ids, labels, pixel_values)
+    return Encoded(sample.id, ids, labels, vision)
 
 
 def collate(encoded: list[Encoded], pad_id: int) -> dict:
     """Right-pad a list of Encoded into numpy arrays: input_ids, attention_mask, labels
-    ([B, T]), pixel_values ([B, 3, H, W], only when every sample has an image)."""
+    ([B, T]) and, when every sample has an image, the vision inputs joined along their first
+    axis (pixel_values [B, 3, H, W] for LLaVA-1.5; OneVision's [B, patches, 3, H, W] zero-padded
+    to the batch's most patches, which image_sizes lets the model ignore; Qwen2-VL's patch rows
+    concatenated, delimited by image_grid_thw [B, 3])."""
     T = max(len(e.input_ids) for e in encoded)
     B = len(encoded)
     input_ids = np.full((B, T), pad_id, dtype=np.int64)
@@ -133,9 +156,23 @@ def collate(encoded: list[Encoded], pad_id: int) -> dict:
         n = len(e.input_ids)
         input_ids[i, :n], labels[i, :n], mask[i, :n] = e.input_ids, e.labels, 1
     out = {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
-    pix = [e.pixel_values for e in encoded]
-    if all(p is not None for p in pix):
-        out["pixel_values"] = np.concatenate(pix, axis=0)
-    elif any(p is not None for p in pix):
+    has = [bool(e.vision) for e in encoded]
+    if any(has) and not all(has):
         raise SampleError("a batch mixes samples with and without images; batch them separately")
+    if all(has):
+        for key in encoded[0].vision:
+            out[key] = _join([e.vision[key] for e in encoded])
     return out
+
+
+def _join(arrays: list[np.ndarray]) -> np.ndarray:
+    """Concatenate along axis 0, zero-padding the other axes to the largest size."""
+    shape = np.max([a.shape for a in arrays], axis=0)
+    if all(a.shape[1:] == tuple(shape[1:]) for a in arrays):
+        return np.concatenate(arrays, axis=0)
+    padded = []
+    for a in arrays:
+        p = np.zeros((a.shape[0], *shape[1:]), dtype=a.dtype)
+        p[(slice(None),) + tuple(slice(0, n) for n in a.shape[1:])] = a
+        padded.append(p)
+    return np.concatenate(padded, axis=0)

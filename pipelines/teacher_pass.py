@@ -42,6 +42,8 @@ class TeacherPassConfig:
     temperature: float = 1.0
     dtype: str = "float32"  # teacher dtype: float32, bfloat16, float16
     device: str = "auto"  # "auto" = CUDA when present, else CPU
+    device_map: str = ""  # "auto": spread a teacher larger than one GPU over the worker's GPUs
+    trust_remote_code: bool = False  # run a checkpoint's own Python code (off unless you turn it on)
     batch_size: int = 16  # samples per teacher forward
     num_workers: int = 1  # teacher actors in the pool
     num_gpus_per_worker: float = -1  # -1 = 1 when CUDA is present, else 0
@@ -57,19 +59,23 @@ class TeacherWorker:
     def __init__(self, cfg: TeacherPassConfig):
         import torch
 
-        from teacher_cache.teacher import load_teacher
+        from teacher_cache.teacher import input_device, load_teacher, shared_vocab_size
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.cfg = cfg
-        self.model, self.processor = load_teacher(cfg.teacher, cfg.dtype, cfg.device)
-        self.device = next(self.model.parameters()).device
+        self.model, self.processor = load_teacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map or None,
+                                                  cfg.trust_remote_code)
+        self.device = input_device(self.model)
+        self.vocab_size = shared_vocab_size(self.processor, self.model.get_output_embeddings().weight.shape[0])
         self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
         self.records = parse_records(cfg.records)
         self.gram = None
         if "relation" in self.records:  # W^T W once per teacher: every R is then H G H^T
             from teacher_cache.extract import head_gram
 
-            self.gram = head_gram(self.model.get_output_embeddings())
+            from student.model import output_head
+
+            self.gram = head_gram(output_head(self.model, self.vocab_size))
 
     def _tensors(self, samples: list[Sample]) -> dict:
         from teacher_cache.extract import to_device
@@ -86,7 +92,8 @@ class TeacherWorker:
         if self.records == ["preference"]:  # chosen sequences, then rejected, in one forward
             pairs = [PreferencePair(**json.loads(s)) for s in batch["sample"]]
             tensors = self._tensors([p.sample("chosen") for p in pairs] + [p.sample("rejected") for p in pairs])
-            return extract_preference_rows(self.model, tensors, [p.id for p in pairs], self.image_token_id)
+            return extract_preference_rows(self.model, tensors, [p.id for p in pairs], self.image_token_id,
+                                           self.vocab_size)
         samples = [Sample.from_json(s) for s in batch["sample"]]
         tensors = self._tensors(samples)
         ids = [s.id for s in samples]
@@ -94,7 +101,8 @@ class TeacherWorker:
         if self.cfg.mode == "sampled":  # draws depend on the seed and the batch's samples, not on timing
             gen = torch.Generator(self.device).manual_seed(zlib.crc32(f"{self.cfg.seed}|{'|'.join(ids)}".encode()))
         return extract_rows(self.model, tensors, ids, self.image_token_id, self.cfg.mode, self.cfg.k,
-                            self.cfg.draws, self.cfg.temperature, gen, tuple(self.records), self.gram)
+                            self.cfg.draws, self.cfg.temperature, gen, tuple(self.records), self.gram,
+                            self.vocab_size)
 
 
 _POSITIONS = {
@@ -129,10 +137,12 @@ def _item(x) -> dict:
 def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
     from transformers import AutoConfig, AutoProcessor
 
-    from teacher_cache.teacher import processor_description, teacher_description
+    from teacher_cache.teacher import processor_description, shared_vocab_size, teacher_description
 
-    processor = AutoProcessor.from_pretrained(cfg.teacher)
-    vocab = AutoConfig.from_pretrained(cfg.teacher).get_text_config().vocab_size
+    processor = AutoProcessor.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    head_size = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code
+                                           ).get_text_config().vocab_size
+    vocab = shared_vocab_size(processor, head_size)
     if cfg.mode not in MODES:
         raise ValueError(f"mode {cfg.mode!r}: choose one of {MODES}")
     kinds = parse_records(cfg.records)
@@ -142,7 +152,7 @@ def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
         raise ValueError(f"draws={cfg.draws}: use 1 to 255 draws per position")
     width = {"k": cfg.k} if cfg.mode == "topk" else {"draws": cfg.draws, "seed": cfg.seed}
     return Manifest(
-        teacher=teacher_description(cfg.teacher, cfg.dtype),
+        teacher=teacher_description(cfg.teacher, cfg.dtype, head_size),
         processor=processor_description(processor, image_token_count(processor)),
         vocab_size=vocab,
         extraction={"mode": cfg.mode, **width, "temperature": cfg.temperature, "record_kinds": kinds,

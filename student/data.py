@@ -143,15 +143,22 @@ def check_cache_compatible(cache: TeacherCache, processor, kinds: tuple[str, ...
         )
 
 
-def check_student_vocab(dataset: "DistillDataset", model) -> None:
-    """Every cached target id must index the student's output head."""
-    if dataset.max_target_id is None:
-        return
-    width = model.get_output_embeddings().out_features
-    if dataset.max_target_id >= width:
+def check_student_vocab(cache: TeacherCache, model, max_target_id: int | None = None) -> None:
+    """The student must score every id of the cache's shared vocabulary (manifest
+    vocab_size: the tokenizer's ids, without either head's padding), and every cached target
+    id (max_target_id, when the caller has looked) must lie inside that vocabulary."""
+    vocab = cache.manifest.vocab_size
+    width = model.get_output_embeddings().weight.shape[0]
+    if width < vocab:
         raise CacheError(
-            f"the cache holds token id {dataset.max_target_id} but the student's output head has "
-            f"{width} entries; the student must share the teacher's vocabulary"
+            f"{cache.path}: the teacher's vocabulary has {vocab} ids but the student's output head only "
+            f"{width} rows; the student must share the teacher's tokenizer (its head may be padded larger, "
+            "never smaller)"
+        )
+    if max_target_id is not None and max_target_id >= vocab:
+        raise CacheError(
+            f"{cache.path}: holds target id {max_target_id}, outside its own vocabulary of {vocab} ids "
+            "(a padded head row?); rebuild the cache with this version of mmkd"
         )
 
 

@@ -24,7 +24,7 @@ from storage.reader import TeacherCache
 from student.data import DistillDataset, check_student_vocab, collate_items
 from student.losses import sparse_forward_kl
 from student.model import load_model
-from student.train import StudentOutputs
+from student.train import StudentOutputs, vision_inputs
 
 
 def _answer(sample) -> str:
@@ -45,9 +45,11 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
     model = load_model(model_path, device=device).eval()
     processor = AutoProcessor.from_pretrained(model_path)
     samples = read_llava(data)
-    dataset = DistillDataset(samples, processor, image_root, max_length, TeacherCache(cache) if cache else None)
-    check_student_vocab(dataset, model)
-    rows = StudentOutputs(model, image_token_id(processor))
+    teacher_cache = TeacherCache(cache) if cache else None
+    dataset = DistillDataset(samples, processor, image_root, max_length, teacher_cache)
+    if teacher_cache is not None:
+        check_student_vocab(teacher_cache, model, dataset.max_target_id)
+    rows = StudentOutputs(model, image_token_id(processor), teacher_cache.manifest.vocab_size if teacher_cache else None)
     yes_id = processor.tokenizer("yes", add_special_tokens=False)["input_ids"][0]
     absent, said_yes = 0, 0  # existence questions whose answer is "no" (POPE-style)
     correct, per_task, per_task_n = 0, Counter(), Counter()
@@ -57,7 +59,7 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
                                          collate_fn=partial(collate_items, pad_id=processor.tokenizer.pad_token_id))
     for idx, batch in zip(batches, loader):
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = rows(batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("pixel_values"))
+        out = rows(batch["input_ids"], batch["attention_mask"], batch["labels"], vision_inputs(batch))
         logits, targets, sample_of_row = out["logits"], out["targets"], out["rows_sample"]
         first = torch.ones_like(sample_of_row, dtype=torch.bool)
         first[1:] = sample_of_row[1:] != sample_of_row[:-1]  # each sample's first answer token

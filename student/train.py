@@ -31,8 +31,9 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
-from pipelines.preprocess import IGNORE_INDEX, image_token_id
+from pipelines.preprocess import IGNORE_INDEX, VISION_KEYS, image_token_id
 from pipelines.samples import read_llava, read_preference
 from storage.reader import TeacherCache
 from student.data import (
@@ -56,7 +57,7 @@ from student.losses import (
     sequence_logprobs,
     sparse_divergence,
 )
-from student.model import TRAINABLE, LlavaArch, build_llava, load_model, set_trainable
+from student.model import TRAINABLE, LlavaArch, build_llava, load_model, output_head, set_trainable
 from student.moe import MoEConfig, moe_aux_loss, moe_param_groups, save_moe, upcycle
 
 
@@ -129,38 +130,51 @@ def setup_distributed() -> tuple[int, int, str]:
 
 
 class StudentOutputs(torch.nn.Module):
-    """Wraps a LLaVA model: forward(...) -> dict of what the loss terms need; the output
-    head runs only on the rows they use (never on all [B, T] positions).
+    """Wraps a multimodal model: forward(...) -> dict of what the loss terms need; the output
+    head runs only on the rows they use (never on all [B, T] positions), over the cache's
+    shared vocabulary (vocab_size; None = every head row).
 
     logits [N, V]: at the rows that predict the N supervised tokens (shifted, t-1 for t),
         row-major; targets [N] their token ids; rows_sample [N] the batch index of each.
     visual_logits [M, V] (visual=True): AT the M image-token positions (unshifted), row-major.
     relations (relation=True): per sample, R = Z Z^T [n, n] of the raw logits at its image
         tokens, as H (W^T W) H^T (student.losses.relation_matrix; gradients reach H and W).
+    vision: the batch's image inputs (pixel_values and the family's image_sizes /
+        image_grid_thw, see pipelines.preprocess.VISION_KEYS), or None for text-only batches.
     """
 
-    def __init__(self, model, image_token_id: int):
+    def __init__(self, model, image_token_id: int, vocab_size: int | None = None):
         super().__init__()
         self.model = model
         self.image_token_id = image_token_id
+        self.vocab_size = vocab_size
 
-    def forward(self, input_ids, attention_mask, labels, pixel_values=None, visual: bool = False,
+    def forward(self, input_ids, attention_mask, labels, vision: dict | None = None, visual: bool = False,
                 relation: bool = False) -> dict:
-        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask,
-                                  pixel_values=pixel_values, use_cache=False).last_hidden_state
-        head = self.model.get_output_embeddings()
+        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, **(vision or {}),
+                                  use_cache=False).last_hidden_state
+        head = output_head(self.model, self.vocab_size)
         b, t = torch.nonzero(labels != IGNORE_INDEX, as_tuple=True)
-        out = {"logits": head(hidden[b, t - 1]), "targets": labels[b, t], "rows_sample": b}
+        out = {"logits": F.linear(hidden[b, t - 1], *head), "targets": labels[b, t], "rows_sample": b}
         if visual or relation:
             vb, vt = torch.nonzero((input_ids == self.image_token_id) & attention_mask.bool(), as_tuple=True)
         if visual:
-            out["visual_logits"] = head(hidden[vb, vt])
+            out["visual_logits"] = F.linear(hidden[vb, vt], *head)
         if relation:
             w = head.weight.float()
             gram = w.T @ w  # once per step, shared by the batch's samples
             out["relations"] = [relation_matrix(hidden[r, vt[vb == r]], head.weight, head.bias, gram)
                                 for r in range(input_ids.shape[0])]
         return out
+
+
+def vision_inputs(batch: dict, dtype: torch.dtype | None = None) -> dict | None:
+    """The image inputs of a collated batch (None without images); floating ones (pixel
+    values) cast to the model's dtype."""
+    vision = {k: batch[k] for k in VISION_KEYS if k in batch}
+    if dtype is not None:
+        vision = {k: v.to(dtype) if v.is_floating_point() else v for k, v in vision.items()}
+    return vision or None
 
 
 def _token_kd(logits: torch.Tensor, batch: dict, prefix: str, cfg: "TrainConfig") -> torch.Tensor:
@@ -286,11 +300,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.upcycle:
         model = upcycle(model, cfg.moe)
     is_moe = getattr(model.config, "mmkd_moe", None) is not None
-    if not preference:
-        check_student_vocab(dataset, model)
+    if cache is not None:
+        check_student_vocab(cache, model, getattr(dataset, "max_target_id", None))
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = set_trainable(model, cfg.trainable)
-    wrapped = StudentOutputs(model, image_token_id(processor)).train()
+    wrapped = StudentOutputs(model, image_token_id(processor), cache.manifest.vocab_size if cache else None).train()
     groups = (moe_param_groups(model, cfg.lr, cfg.weight_decay) if is_moe
               else [{"params": [p for p in model.parameters() if p.requires_grad]}])
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -320,10 +334,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
                                              prefetch_factor=4 if cfg.num_workers else None, collate_fn=collate_fn)
         for batch in loader:
             batch = {k: v.to(device) for k, v in batch.items()}
-            pix = batch.get("pixel_values")
-            if pix is not None and cfg.dtype == "bfloat16":
-                pix = pix.to(torch.bfloat16)
-            out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], pix,
+            vision = vision_inputs(batch, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
+            out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], vision,
                          visual=cfg.visual_weight > 0, relation=cfg.relation_weight > 0)
             loss, terms = (preference_terms if preference else distill_terms)(out, batch, cfg)
             if is_moe and cfg.moe.aux_weight > 0:

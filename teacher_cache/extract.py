@@ -16,7 +16,9 @@ import torch
 
 from storage.schema import CacheRow, Preference, TokenTargets, token_digest
 from storage.tables import raw_table
+from pipelines.preprocess import VISION_KEYS
 from student.losses import relation_matrix
+from student.model import output_head
 
 IGNORE_INDEX = -100
 
@@ -24,14 +26,14 @@ IGNORE_INDEX = -100
 @torch.no_grad()
 def final_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The LLM's last hidden states [B, T, d] (before the output head) for a multimodal
-    batch (input_ids, attention_mask, optional pixel_values)."""
-    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values") if k in batch}
+    batch (input_ids, attention_mask, and the family's vision inputs when there are images)."""
+    kwargs = {k: batch[k] for k in ("input_ids", "attention_mask", *VISION_KEYS) if k in batch}
     out = model.model(**kwargs, use_cache=False)
     return out.last_hidden_state
 
 
 @torch.no_grad()
-def topk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, k: int, temperature: float = 1.0,
+def topk_logprobs(hidden: torch.Tensor, head, k: int, temperature: float = 1.0,
                   chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k of log_softmax(head(hidden) / temperature) for rows hidden [N, d]; head is a
     linear output layer, applied in fp32 whatever the model dtype.
@@ -59,7 +61,7 @@ def topk_logprobs(hidden: torch.Tensor, head: torch.nn.Module, k: int, temperatu
 
 
 @torch.no_grad()
-def sampled_ids(hidden: torch.Tensor, head: torch.nn.Module, draws: int, temperature: float = 1.0,
+def sampled_ids(hidden: torch.Tensor, head, draws: int, temperature: float = 1.0,
                 generator: torch.Generator | None = None, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw `draws` ids per row from softmax(head(hidden) / temperature) with replacement
     (the Sparse Logit Sampling estimator: count / draws is unbiased for the probability).
@@ -99,7 +101,7 @@ def visual_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tok
 
 
 @torch.no_grad()
-def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.Tensor,
+def token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor,
                    chunk_rows: int = 1024) -> torch.Tensor:
     """log softmax(head(hidden))[target] for rows hidden [N, d], targets [N]: float32 [N],
     chunked over rows, head in fp32."""
@@ -112,7 +114,7 @@ def token_logprobs(hidden: torch.Tensor, head: torch.nn.Module, targets: torch.T
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def head_gram(head: torch.nn.Module) -> torch.Tensor:
+def head_gram(head) -> torch.Tensor:
     """G = W^T W [d, d] in fp32 of a linear output head: computed once per teacher, it turns
     every relation matrix into H G H^T (student.losses.relation_matrix)."""
     w = head.weight.float()
@@ -140,7 +142,7 @@ def _per_sample(b: torch.Tensor, t: torch.Tensor, targets: dict, n: int) -> list
 def extract_rows(model, batch: dict[str, torch.Tensor], sample_ids: list[str], image_token_id: int | None,
                  mode: str = "topk", k: int = 64, draws: int = 32, temperature: float = 1.0,
                  generator: torch.Generator | None = None, records: tuple[str, ...] = ("response",),
-                 gram: torch.Tensor | None = None) -> pa.Table:
+                 gram: torch.Tensor | None = None, vocab_size: int | None = None) -> pa.Table:
     """Run the teacher on one batch and return the asked record kinds as a RAW_SCHEMA
     table (storage.schema), one row per sample:
 
@@ -150,11 +152,15 @@ def extract_rows(model, batch: dict[str, torch.Tensor], sample_ids: list[str], i
     - "relation": R = Z Z^T of the raw logits Z at the image-token positions, computed as
       H G H^T (gram = head_gram(head), pass it to compute it once per teacher).
 
-    batch tensors are on the model's device; labels mark supervised tokens (unshifted).
-    The LLM body runs once; the output head only on the rows that become targets.
+    batch tensors are on the model's (input) device; labels mark supervised tokens
+    (unshifted). vocab_size: the shared vocabulary (teacher_cache.teacher.shared_vocab_size);
+    the head's padded rows beyond it are left out. The LLM body runs once; the output head
+    only on the rows that become targets.
     """
-    hidden = final_hidden_states(model, batch)
-    head = model.get_output_embeddings()
+    head = output_head(model, vocab_size)
+    # under a device_map the last hidden states live on the head's device, not the input's
+    hidden = final_hidden_states(model, batch).to(head.weight.device)
+    batch = {k: v.to(head.weight.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
     n = len(sample_ids)
     kinds: dict[str, list] = {}
     if "response" in records:
@@ -167,8 +173,7 @@ def extract_rows(model, batch: dict[str, torch.Tensor], sample_ids: list[str], i
     if "relation" in records:
         if gram is None:
             gram = head_gram(head)
-        bias = getattr(head, "bias", None)
-        kinds["relation"] = [relation_matrix(hidden[r, t[b == r]], head.weight, bias, gram).cpu().numpy()
+        kinds["relation"] = [relation_matrix(hidden[r, t[b == r]], head.weight, head.bias, gram).cpu().numpy()
                              if (b == r).any() else np.zeros((0, 0), np.float32) for r in range(n)]
     input_ids = batch["input_ids"].cpu().numpy()
     lengths = batch["attention_mask"].sum(-1).cpu().numpy()
@@ -182,15 +187,17 @@ def extract_rows(model, batch: dict[str, torch.Tensor], sample_ids: list[str], i
 
 @torch.no_grad()
 def extract_preference_rows(model, batch: dict[str, torch.Tensor], pair_ids: list[str],
-                            image_token_id: int | None) -> pa.Table:
+                            image_token_id: int | None, vocab_size: int | None = None) -> pa.Table:
     """The teacher as the reference model of preference distillation: for P pairs, batch
     holds 2P sequences, the P chosen then the P rejected (same order as pair_ids), with
     labels on the answer tokens. Returns one RAW row per pair: the chosen sequence's ids
     and the summed and per-token log-probs of both answers (shifted: the logits at t-1
     score the token at t)."""
-    hidden = final_hidden_states(model, batch)
-    b, t = supervised_rows(batch["labels"])
-    lp = token_logprobs(hidden[b, t - 1], model.get_output_embeddings(), batch["labels"][b, t]).cpu().numpy()
+    head = output_head(model, vocab_size)
+    hidden = final_hidden_states(model, batch).to(head.weight.device)
+    labels = batch["labels"].to(head.weight.device)
+    b, t = supervised_rows(labels)
+    lp = token_logprobs(hidden[b, t - 1], head, labels[b, t]).cpu().numpy()
     b = b.cpu().numpy()
     input_ids = batch["input_ids"].cpu().numpy()
     lengths = batch["attention_mask"].sum(-1).cpu().numpy()

@@ -19,14 +19,47 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def load_teacher(path: str, dtype: str = "float32", device: str = "auto"):
-    """(model in eval mode on device, processor) from a Hugging Face model folder."""
+def load_teacher(path: str, dtype: str = "float32", device: str = "auto", device_map: str | None = None,
+                 trust_remote_code: bool = False):
+    """(model in eval mode, processor) from a Hugging Face model folder or hub id, through
+    transformers' Auto classes (LLaVA-1.5, LLaVA-OneVision, Qwen2-VL / Qwen2.5-VL, ...).
+
+    device_map: None puts the whole model on `device`; "auto" (or any accelerate device map)
+    spreads a teacher larger than one GPU over the visible GPUs (inputs then go to the
+    device of the input embeddings, see input_device). trust_remote_code stays off unless
+    the user turns it on: a checkpoint's own Python code runs only then.
+    """
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=DTYPES[dtype])
-    model.to(resolve_device(device)).eval()
-    processor = AutoProcessor.from_pretrained(path)
+    kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
+    if device_map:
+        kwargs["device_map"] = device_map
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except ValueError as e:
+        if "trust_remote_code" in str(e) and not trust_remote_code:
+            raise ValueError(f"{path}: this checkpoint needs its own Python code; mmkd does not run it "
+                             "unless you pass --trust-remote-code (read the code first)") from e
+        raise
+    if not device_map:
+        model.to(resolve_device(device))
+    model.eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
     return model, processor
+
+
+def input_device(model) -> torch.device:
+    """Where a batch goes: the device of the input embeddings (the first shard under a
+    device_map)."""
+    return model.get_input_embeddings().weight.device
+
+
+def shared_vocab_size(processor, head_size: int) -> int:
+    """The vocabulary teacher targets live in: the tokenizer's ids that the output head
+    (head_size rows) scores. Checkpoints pad their head past the tokenizer (LLaVA-1.5 32,064
+    rows for 32,002 tokens; Qwen2-VL 151,936 for 151,657); padded rows are no tokens, so
+    extraction leaves them out and every cached id is < this number."""
+    return min(len(processor.tokenizer), head_size)
 
 
 def _sha256_text(s: str | None) -> str | None:
@@ -62,5 +95,6 @@ def processor_description(processor, num_visual_tokens: int) -> dict:
     }
 
 
-def teacher_description(path: str, dtype: str) -> dict:
-    return {"path": str(path), "weights_sha256": weights_digest(path), "dtype": dtype}
+def teacher_description(path: str, dtype: str, head_size: int) -> dict:
+    """head_size: rows of the teacher's output head (may exceed the shared vocabulary)."""
+    return {"path": str(path), "weights_sha256": weights_digest(path), "dtype": dtype, "head_size": head_size}

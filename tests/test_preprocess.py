@@ -26,7 +26,7 @@ def test_labels_cover_exactly_the_assistant_turns(processor):
     # the image placeholder became the model's visual token count, before the question
     n_img = int((e.input_ids == image_token_id(processor)).sum())
     assert n_img == image_token_count(processor) == 4
-    assert e.pixel_values.shape == (1, 3, 32, 32)
+    assert e.vision["pixel_values"].shape == (1, 3, 32, 32)
 
 
 def test_sequence_matches_the_chat_template_rendering(processor):

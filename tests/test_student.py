@@ -142,7 +142,7 @@ def test_exact_match_equals_greedy_generation(teacher_dir, demo_dir, tmp_path):
         sup = np.nonzero(e.labels != -100)[0]
         ids = torch.from_numpy(e.input_ids[None, :sup[0]])
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                             pixel_values=torch.from_numpy(e.pixel_values), max_new_tokens=len(sup))
+                             pixel_values=torch.from_numpy(e.vision["pixel_values"]), max_new_tokens=len(sup))
         right += out[0, sup[0]:].tolist() == e.input_ids[sup].tolist()
     metrics = evaluate(str(tmp_path / "m"), str(demo_dir / "val.json"), str(demo_dir))
     assert right > 0
@@ -156,7 +156,7 @@ def test_kept_encodings_equal_fresh_ones(demo_dir, processor):
     first = kept[1].encoded
     assert kept[1].encoded is first  # encoded once, then reused
     assert (first.input_ids == fresh[1].encoded.input_ids).all()
-    assert np.array_equal(first.pixel_values, fresh[1].encoded.pixel_values)
+    assert np.array_equal(first.vision["pixel_values"], fresh[1].encoded.vision["pixel_values"])
 
 
 def test_temperature_and_vocabulary_the_student_cannot_honour(small_cache, demo_dir, processor, tmp_path):
@@ -170,10 +170,14 @@ def test_temperature_and_vocabulary_the_student_cannot_honour(small_cache, demo_
     m.save(hot)
     with pytest.raises(CacheError, match="temperature 2.0"):
         DistillDataset(read_llava(demo_dir / "train.json"), processor, str(demo_dir), 256, TeacherCache(hot))
-    ds = DistillDataset(read_llava(demo_dir / "train.json"), processor, str(demo_dir), 256, TeacherCache(small_cache))
+    cache = TeacherCache(small_cache)
+    vocab = cache.manifest.vocab_size
     narrow = torch.nn.Module()
-    narrow.get_output_embeddings = lambda: torch.nn.Linear(4, ds.max_target_id)  # one entry too few
-    with pytest.raises(CacheError, match=f"token id {ds.max_target_id}.*{ds.max_target_id} entries"):
-        check_student_vocab(ds, narrow)
-    narrow.get_output_embeddings = lambda: torch.nn.Linear(4, ds.max_target_id + 1)
-    check_student_vocab(ds, narrow)
+    narrow.get_output_embeddings = lambda: torch.nn.Linear(4, vocab - 1)  # one row too few
+    with pytest.raises(CacheError, match=f"{vocab} ids but the student's output head only {vocab - 1} rows"):
+        check_student_vocab(cache, narrow)
+    padded = torch.nn.Module()
+    padded.get_output_embeddings = lambda: torch.nn.Linear(4, vocab + 64)  # a padded head is fine
+    check_student_vocab(cache, padded, max_target_id=vocab - 1)
+    with pytest.raises(CacheError, match=f"target id {vocab}, outside its own vocabulary"):
+        check_student_vocab(cache, padded, max_target_id=vocab)
