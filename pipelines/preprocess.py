@@ -39,7 +39,8 @@ class Encoded:
     vision: the image processor's model inputs for this sample's image, keyed by the
         model's argument names; empty without an image. Always "pixel_values" (float32:
         [1, 3, H, W] LLaVA-1.5; [1, patches, 3, H, W] LLaVA-OneVision; [patches, C*t*p*p]
-        Qwen2-VL), plus "image_sizes" [1, 2] (OneVision) or "image_grid_thw" [1, 3] (Qwen2-VL).
+        Qwen2-VL), plus "image_sizes" [1, 2] (OneVision) or "image_grid_thw" [1, 3] and
+        "mm_token_type_ids" [1, T] (Qwen2-VL: 1 at image tokens, 0 elsewhere).
     """
 
     sample_id: str
@@ -49,8 +50,9 @@ class Encoded:
 
 
 # The image inputs of the supported families' forward(): LLaVA-1.5 pixel_values;
-# LLaVA-OneVision + image_sizes; Qwen2-VL / Qwen2.5-VL + image_grid_thw.
-VISION_KEYS = ("pixel_values", "image_sizes", "image_grid_thw")
+# LLaVA-OneVision + image_sizes; Qwen2-VL / Qwen2.5-VL + image_grid_thw and the per-token
+# modality map mm_token_type_ids (M-RoPE positions are computed from it).
+VISION_KEYS = ("pixel_values", "image_sizes", "image_grid_thw", "mm_token_type_ids")
 
 
 def to_content_list(text: str) -> list[dict]:
@@ -79,7 +81,7 @@ def process_image(processor, image: Image.Image) -> tuple[int, dict[str, np.ndar
     for LLaVA-OneVision and Qwen2-VL)."""
     out = processor(text=processor.image_token, images=[image], return_tensors="np")
     n = int((out["input_ids"][0] == image_token_id(processor)).sum())
-    vision = {k: np.asarray(out[k]) for k in VISION_KEYS if k in out}
+    vision = {k: np.asarray(out[k]) for k in VISION_KEYS if k in out and k != "mm_token_type_ids"}
     if "pixel_values" in vision:
         vision["pixel_values"] = vision["pixel_values"].astype(np.float32)
     return n, vision
@@ -138,6 +140,8 @@ def encode_sample(processor, sample: Sample, image: Image.Image | None, max_leng
     if not supervised.any():
         raise SampleError(f"sample {sample.id}: no supervised token (empty assistant turns?)")
     labels = np.where(supervised, ids, IGNORE_INDEX)
+    if image is not None and "mm_token_type_ids" in processor.model_input_names:
+        vision["mm_token_type_ids"] = np.asarray(processor.create_mm_token_type_ids([ids.tolist()]), dtype=np.int64)
     return Encoded(sample.id, ids, labels, vision)
 
 
@@ -146,7 +150,7 @@ def collate(encoded: list[Encoded], pad_id: int) -> dict:
     ([B, T]) and, when every sample has an image, the vision inputs joined along their first
     axis (pixel_values [B, 3, H, W] for LLaVA-1.5; OneVision's [B, patches, 3, H, W] zero-padded
     to the batch's most patches, which image_sizes lets the model ignore; Qwen2-VL's patch rows
-    concatenated, delimited by image_grid_thw [B, 3])."""
+    concatenated, delimited by image_grid_thw [B, 3]; per-token maps [B, T] padded with 0)."""
     T = max(len(e.input_ids) for e in encoded)
     B = len(encoded)
     input_ids = np.full((B, T), pad_id, dtype=np.int64)
