@@ -59,6 +59,20 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from pipelines.check import format_checks, run_checks
+
+    try:
+        checks = run_checks(args.teacher, args.student, args.cache, args.max_length, args.trust_remote_code)
+    except (ImportError, OSError, ValueError) as e:  # a folder transformers cannot open says why
+        print(f"mmkd check: cannot open a side: {e}", file=sys.stderr)
+        return 2
+    print(format_checks(checks))
+    bad = [c for c in checks if not c.ok and c.fatal]
+    print("compatible" if not bad else f"{len(bad)} mismatch(es): the student cannot distil from this teacher as set up")
+    return 1 if bad else 0
+
+
 def cmd_cache_inspect(args) -> int:
     from storage.inspect import inspect_cache
 
@@ -145,6 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--max-length", type=int, default=256)
     ev.add_argument("--out", help="also write the metrics JSON here")
     ev.set_defaults(func=cmd_eval)
+
+    ck = sub.add_parser("check", help="Check that a student can learn from a teacher (and its cache): vocabulary, "
+                                      "special tokens, chat template, image tokens, visual token count, heads, "
+                                      "max length. Reads configs and processors only; exit 1 on a mismatch.")
+    ck.add_argument("teacher", help="teacher model folder")
+    ck.add_argument("student", help="student model folder, or a processor folder for a student built from one")
+    ck.add_argument("--cache", help="also check the student against this teacher cache")
+    ck.add_argument("--max-length", type=int, help="longest sample you plan to use, in tokens (with --cache, the "
+                                                   "cache's longest sequence is checked too)")
+    ck.add_argument("--trust-remote-code", action="store_true", help="allow checkpoints' own Python code")
+    ck.set_defaults(func=cmd_check)
 
     cache = sub.add_parser("cache", help="Inspect, verify, merge or subset teacher caches.")
     csub = cache.add_subparsers(dest="cache_command", required=True)

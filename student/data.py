@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from pipelines.preprocess import IGNORE_INDEX, Encoded, collate, encode_sample, image_token_count, image_token_id
+from pipelines.check import vocab_digest
 from pipelines.samples import PreferencePair, Sample, load_image
 from storage.reader import CacheRow, TeacherCache
 from storage.schema import CacheError, collapse_image_runs, token_digest
@@ -127,6 +128,13 @@ def check_cache_compatible(cache: TeacherCache, processor, kinds: tuple[str, ...
                          f"the training terms need them: re-run the teacher pass with --records "
                          f"{','.join(dict.fromkeys(m.record_kinds + missing))} into a new folder, or set "
                          "their weights to 0")
+    digest = m.processor.get("vocab_sha256")  # caches made before 2026-11 lack it
+    if digest is not None and digest != vocab_digest(processor.tokenizer):
+        raise CacheError(
+            f"{cache.path}: the student's vocabulary (token -> id map) is not the one of the teacher that made "
+            "this cache, so cached target ids would name other tokens; use the teacher's tokenizer "
+            "(`mmkd check TEACHER STUDENT --cache PATH` lists the differences)"
+        )
     img = image_token_id(processor)
     if m.processor.get("image_token_id") != img:
         raise CacheError(

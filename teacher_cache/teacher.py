@@ -86,8 +86,11 @@ def processor_description(processor, num_visual_tokens: int) -> dict:
     vocab = json.dumps(sorted(tok.get_vocab().items(), key=lambda kv: kv[1]))
     specials = json.dumps({k: str(v) for k, v in sorted(tok.special_tokens_map.items())})
     template = getattr(processor, "chat_template", None) or tok.chat_template
+    from pipelines.check import vocab_digest
+
     return {
         "tokenizer_sha256": _sha256_text(vocab + specials),
+        "vocab_sha256": vocab_digest(tok),
         "chat_template_sha256": _sha256_text(template),
         "image_processor_sha256": _sha256_text(processor.image_processor.to_json_string()),
         "image_token_id": tok.convert_tokens_to_ids(processor.image_token),
