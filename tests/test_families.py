@@ -168,3 +168,31 @@ def test_student_forward_scores_the_same_rows(checkpoint):
     out["visual_logits"].logsumexp(-1).mean().backward()
     vision_grads = [p.grad for n, p in model.named_parameters() if "vision" in n or "visual" in n]
     assert vision_grads and any(g is not None and g.abs().sum() > 0 for g in vision_grads)
+
+
+def test_remote_code_is_not_run_unless_asked(tmp_path):
+    (tmp_path / "config.json").write_text(
+        '{"model_type": "mmkd_custom", "auto_map": {"AutoConfig": "configuration_x.XConfig", '
+        '"AutoModelForImageTextToText": "modeling_x.XModel"}}')
+    marker = tmp_path / "EXECUTED"
+    for name in ("configuration_x.py", "modeling_x.py"):
+        (tmp_path / name).write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    with pytest.raises(ValueError, match="needs its own Python code.*--trust-remote-code"):
+        load_teacher(str(tmp_path), device="cpu")
+    assert not marker.exists()
+
+
+def test_device_map_loading_gives_the_same_targets(teacher_dir, demo_dir):
+    """device_map (a teacher spread over GPUs) goes through accelerate's dispatch; on this
+    machine every layer maps to the CPU, and the targets must not change."""
+    from pipelines.samples import load_image, read_llava
+
+    samples = read_llava(demo_dir / "train.json")[:3]
+    rows = []
+    for device_map in (None, "auto"):
+        model, proc = load_teacher(str(teacher_dir), device="cpu", device_map=device_map)
+        enc = [encode_sample(proc, s, load_image(demo_dir, s), 256) for s in samples]
+        batch = to_device(collate(enc, proc.tokenizer.pad_token_id), "cpu", torch.float32)
+        rows.append(extract_rows(model, batch, [s.id for s in samples], image_token_id(proc), "topk", 4,
+                                 vocab_size=len(proc.tokenizer)).to_pylist())
+    assert rows[0] == rows[1]
