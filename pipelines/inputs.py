@@ -52,7 +52,6 @@ from pipelines.samples import (
     read_preference,
 )
 
-FORMATS = ("json", "hf", "parquet")
 _BATCH = 4096  # rows converted per step while reading a data set
 
 _open: dict[tuple, object] = {}  # (pid, data, split[, columns]) -> datasets.Dataset, per process

@@ -181,7 +181,8 @@ def test_image_paths_stay_inside_the_root(tmp_path):
     os.symlink(outside, root / "link")
     assert resolve_image(root, "sub/ok.png") == (root / "sub" / "ok.png").resolve()
     assert resolve_image(root, str(root / "sub" / "ok.png")) == (root / "sub" / "ok.png").resolve()  # absolute, inside
-    for bad in ("../outside/secret.png", str(outside / "secret.png"), "link/secret.png", "sub/../../outside/secret.png"):
+    escapes = ("../outside/secret.png", str(outside / "secret.png"), "link/secret.png", "sub/../../outside/secret.png")
+    for bad in escapes:
         with pytest.raises(SampleError, match="escapes the image root"):
             resolve_image(root, bad)
     # the same through a data set's path column: read, then refused at load, naming the path
