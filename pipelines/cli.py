@@ -26,7 +26,7 @@ def cmd_teacher_pass(args) -> int:
     from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
     cfg = _config(args, TeacherPassConfig)
-    _require(cfg, "teacher", "data", "image_root", "output")
+    _require(cfg, "teacher", "data", "output")  # image_root: the reader asks when the data has image paths
     run_teacher_pass(cfg)
     return 0
 
@@ -35,7 +35,7 @@ def cmd_train(args) -> int:
     from student.train import TrainConfig, train
 
     cfg = _config(args, TrainConfig)
-    _require(cfg, "data", "image_root", "processor", "output_dir")
+    _require(cfg, "data", "processor", "output_dir")
     train(cfg)
     return 0
 
@@ -50,7 +50,8 @@ def cmd_recipe(args) -> int:
 def cmd_eval(args) -> int:
     from student.evaluate import evaluate
 
-    metrics = evaluate(args.model, args.data, args.image_root, args.cache, args.batch_size, args.max_length)
+    metrics = evaluate(args.model, args.data, args.image_root, args.cache, args.batch_size, args.max_length,
+                       split=args.data_split, image_column=args.image_column, id_column=args.id_column)
     text = json.dumps(metrics, indent=1)
     print(text)
     if args.out:
@@ -152,8 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="Exact match (and KL to the teacher, from a cache) on a split.")
     ev.add_argument("--model", required=True, help="model folder (with its processor)")
-    ev.add_argument("--data", required=True, help="LLaVA JSON of the split")
-    ev.add_argument("--image-root", required=True)
+    ev.add_argument("--data", required=True, help="the split's samples: LLaVA JSON/JSONL, a save_to_disk folder "
+                    "or Parquet")
+    ev.add_argument("--image-root", default="", help="folder the image paths are relative to (not needed for "
+                    "embedded images)")
+    ev.add_argument("--data-split", help="split of a DatasetDict / of the Parquet files")
+    ev.add_argument("--image-column", default="image", help="column of the image ('' = no images)")
+    ev.add_argument("--id-column", default="id", help="column of the unique sample id")
     ev.add_argument("--cache", help="teacher cache of the same split, for KL to the teacher")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-length", type=int, default=256)

@@ -1,17 +1,24 @@
-"""Input samples: the LLaVA conversation format, read from JSON or JSONL.
+"""Input samples: the LLaVA conversation format (and its JSON / JSONL reader), preference
+pairs, and the one function that loads a sample's image whatever its source.
 
 A sample is one image (or none) and a conversation of alternating ``human`` / ``gpt``
 turns; every ``gpt`` turn is supervised. The ``<image>`` placeholder in a human turn marks
-where the image goes. Image paths are relative to an image root and must stay inside it.
+where the image goes. A sample's image is either a file path relative to an image root
+(it must stay inside it) or an ImageRef: a cell of a Hugging Face / Parquet data set's
+image column, decoded on demand (pipelines/inputs.py reads those data sets).
 
 Preference pairs (the RLAIF-V layout, JSONL): {"id", "image", "question", "chosen",
 "rejected"}; each pair becomes two one-turn samples that differ only in the answer.
+
+Every consumer reads its inputs through pipelines.inputs.read_inputs, which calls the
+JSON readers here for .json / .jsonl files.
 """
 
 from __future__ import annotations
 
+import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from PIL import Image
@@ -24,12 +31,37 @@ class SampleError(ValueError):
     """A sample that cannot be used; the message names the sample and the problem."""
 
 
+@dataclass(frozen=True)
+class ImageRef:
+    """An image held inside a data set's rows instead of a file: the cell at row `row` of
+    column `column` of the data set at `data` (a save_to_disk folder or Parquet file(s),
+    split `split`), whose `id_column` holds the owning sample's id. Loaders reopen the data
+    set (memory-mapped, once per process), check the id and decode that one cell, so the
+    driver never holds the image bytes and only this small reference travels to workers."""
+
+    data: str
+    split: str | None
+    row: int
+    column: str
+    id_column: str
+
+
+def _image_field(image):
+    """JSON form of a sample's image field -> str | ImageRef | None."""
+    if isinstance(image, dict):
+        return ImageRef(**image)
+    return image
+
+
 @dataclass
 class Sample:
     id: str
-    image: str | None  # path relative to the image root
+    image: str | ImageRef | None  # a path relative to the image root, a data set cell, or no image
     messages: list[dict]  # [{"role": "user"|"assistant", "content": str}], in order
     meta: dict = field(default_factory=dict)  # extra keys of the record (e.g. "task")
+
+    def __post_init__(self):
+        self.image = _image_field(self.image)
 
     @classmethod
     def from_llava(cls, record: dict, where: str = "") -> "Sample":
@@ -53,6 +85,9 @@ class Sample:
             raise SampleError(f"sample {sid} ({where}): no assistant ('gpt') turn to supervise")
         n_placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
         image = record.get("image")
+        if image is not None and not isinstance(image, (str, ImageRef)):
+            raise SampleError(f"sample {sid} ({where}): 'image' is {type(image).__name__}, expected one path "
+                              "(string) relative to the image root; samples with several images are not supported")
         if image is not None and n_placeholders != 1:
             raise SampleError(
                 f"sample {sid} ({where}): has an image but {n_placeholders} '{IMAGE_PLACEHOLDER}' "
@@ -64,7 +99,8 @@ class Sample:
         return cls(sid, image, messages, meta)
 
     def to_json(self) -> str:
-        return json.dumps({"id": self.id, "image": self.image, "messages": self.messages, "meta": self.meta})
+        image = asdict(self.image) if isinstance(self.image, ImageRef) else self.image
+        return json.dumps({"id": self.id, "image": image, "messages": self.messages, "meta": self.meta})
 
     @classmethod
     def from_json(cls, text: str) -> "Sample":
@@ -72,30 +108,85 @@ class Sample:
         return cls(d["id"], d["image"], d["messages"], d.get("meta", {}))
 
 
-def read_llava(path: str | Path) -> list[Sample]:
-    """Read a LLaVA conversation file (.json list or .jsonl); refuses duplicate ids."""
-    path = Path(path)
+def _read_records(path: Path, id_column: str, image_column: str) -> list[dict]:
+    """The records of a .json list or .jsonl file, with the id / image keys renamed to
+    "id" / "image" (image_column "" = the records have no image)."""
     text = path.read_text()
-    if path.suffix == ".jsonl":
-        records = [json.loads(line) for line in text.splitlines() if line.strip()]
-    else:
-        records = json.loads(text)
+    try:
+        if path.suffix == ".jsonl":
+            records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        else:
+            records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SampleError(f"{path}: not valid {'JSON Lines' if path.suffix == '.jsonl' else 'JSON'}: {e}") from e
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise SampleError(f"{path}: expected a list of JSON objects (one per sample)")
+    if (id_column, image_column) == ("id", "image"):
+        return records
+    out = []
+    for i, r in enumerate(records):
+        if id_column not in r:
+            raise SampleError(f"{path}#{i}: record has no {id_column!r} key (the id column); its keys are "
+                              f"{sorted(r)}: name the id key with --id-column")
+        renamed = {k: v for k, v in r.items() if k not in ("id", "image", id_column, image_column)}
+        renamed["id"] = r[id_column]
+        if image_column and r.get(image_column) is not None:
+            renamed["image"] = r[image_column]
+        out.append(renamed)
+    return out
+
+
+def check_unique_ids(items: list, where: str, what: str = "sample") -> None:
+    """Refuse two items (samples or pairs) with the same .id."""
+    seen: dict[str, int] = {}
+    for i, x in enumerate(items):
+        if x.id in seen:
+            raise SampleError(f"{where}: {what} id {x.id!r} appears twice (records {seen[x.id]} and {i}); "
+                              "ids must be unique (the cache is keyed by them)")
+        seen[x.id] = i
+
+
+def read_llava(path: str | Path, id_column: str = "id", image_column: str = "image") -> list[Sample]:
+    """Read a LLaVA conversation file (.json list or .jsonl); refuses duplicate ids.
+
+    id_column / image_column: the record keys holding the id and the image path (relative
+    to the image root); "" as image_column = no images."""
+    path = Path(path)
+    records = _read_records(path, id_column, image_column)
+    if records and "conversations" not in records[0] and {"chosen", "rejected"} <= set(records[0]):
+        raise SampleError(f"{path}: holds preference pairs (question, chosen, rejected), not LLaVA conversations; "
+                          "use it with --records preference (teacher pass) or --objective preference (train)")
     samples = [Sample.from_llava(r, f"{path}#{i}") for i, r in enumerate(records)]
-    seen: set[str] = set()
-    for s in samples:
-        if s.id in seen:
-            raise SampleError(f"{path}: sample id {s.id!r} appears twice; ids must be unique")
-        seen.add(s.id)
+    check_unique_ids(samples, str(path))
     return samples
+
+
+PAIR_FIELDS = ("id", "question", "chosen", "rejected")
 
 
 @dataclass
 class PreferencePair:
     id: str
-    image: str | None
+    image: str | ImageRef | None  # as Sample.image
     question: str
     chosen: str
     rejected: str
+
+    def __post_init__(self):
+        self.image = _image_field(self.image)
+
+    @classmethod
+    def from_record(cls, r: dict, where: str) -> "PreferencePair":
+        """{"id", "image" (optional), "question", "chosen", "rejected"} -> a pair; refuses
+        missing or empty fields."""
+        missing = [k for k in PAIR_FIELDS if r.get(k) is None or r.get(k) == ""]
+        if missing:
+            raise SampleError(f"{where}: preference record lacks {missing}; each needs id, image (optional), "
+                              "question, chosen, rejected")
+        image = r.get("image")
+        if image is not None and not isinstance(image, (str, ImageRef)):
+            raise SampleError(f"{where}: 'image' is {type(image).__name__}, expected one path (string)")
+        return cls(str(r["id"]), image, str(r["question"]), str(r["chosen"]), str(r["rejected"]))
 
     def sample(self, which: str) -> Sample:
         """The one-turn conversation with the chosen or the rejected answer."""
@@ -106,41 +197,58 @@ class PreferencePair:
                                             {"role": "assistant", "content": answer}])
 
 
-def read_preference(path: str | Path) -> list[PreferencePair]:
-    """Read preference pairs (JSONL or a JSON list); refuses missing fields and duplicate ids."""
+def read_preference(path: str | Path, id_column: str = "id", image_column: str = "image") -> list[PreferencePair]:
+    """Read preference pairs (JSONL or a JSON list); refuses missing fields and duplicate
+    ids. id_column / image_column as in read_llava."""
     path = Path(path)
-    text = path.read_text()
-    records = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
-        else json.loads(text)
-    pairs, seen = [], set()
-    for i, r in enumerate(records):
-        missing = [k for k in ("id", "question", "chosen", "rejected") if not r.get(k)]
-        if missing:
-            raise SampleError(f"{path}#{i}: preference record lacks {missing}; each needs id, image (optional), "
-                              "question, chosen, rejected")
-        pid = str(r["id"])
-        if pid in seen:
-            raise SampleError(f"{path}: pair id {pid!r} appears twice; ids must be unique")
-        seen.add(pid)
-        pairs.append(PreferencePair(pid, r.get("image"), str(r["question"]), str(r["chosen"]), str(r["rejected"])))
+    records = _read_records(path, id_column, image_column)
+    pairs = [PreferencePair.from_record(r, f"{path}#{i}") for i, r in enumerate(records)]
+    check_unique_ids(pairs, str(path), "pair")
     return pairs
 
 
 def resolve_image(image_root: str | Path, rel: str) -> Path:
-    """The image's path inside image_root; refuses paths that escape the root."""
+    """The image's path inside image_root; refuses paths that escape the root: `../`
+    components, absolute paths elsewhere, and symlinks inside the root that point out of
+    it (the path is resolved, links followed, before the check)."""
     root = Path(image_root).resolve()
     p = (root / rel).resolve()
     if root not in p.parents:
-        raise SampleError(f"image path {rel!r} escapes the image root {root}")
+        raise SampleError(f"image path {rel!r} escapes the image root {root}; image paths must lie inside "
+                          "--image-root (use a root that contains them all)")
     return p
 
 
+def decode_image(data: bytes, what: str) -> Image.Image:
+    """Encoded image bytes (PNG, JPEG, ...) -> RGB image; SampleError naming `what` if
+    they do not decode."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SampleError(f"{what}: the image bytes do not decode ({e}); fix or drop that row") from e
+
+
 def load_image(image_root: str | Path, sample: Sample) -> Image.Image | None:
+    """The sample's image as RGB, whatever its source; None if it has none.
+
+    - a path: resolved inside image_root (resolve_image) and read;
+    - an ImageRef: that cell of the data set, reopened once per process (pipelines.inputs).
+    Used by the teacher workers and the student's datasets alike. Raises SampleError
+    naming the sample and the file when the image is missing, escapes the root or does
+    not decode."""
     if sample.image is None:
         return None
+    if isinstance(sample.image, ImageRef):
+        from pipelines.inputs import load_cell_image
+
+        return load_cell_image(sample.image, sample.id)
+    if image_root is None or str(image_root) == "":
+        raise SampleError(f"sample {sample.id}: its image {sample.image!r} is a file path but no image root was "
+                          "given; set --image-root to the folder the paths are relative to")
     path = resolve_image(image_root, sample.image)
     try:
         with Image.open(path) as im:
             return im.convert("RGB")
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SampleError(f"sample {sample.id}: cannot read image {path}: {e}") from e

@@ -21,7 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.preprocess import collate, encode_sample, image_token_count
-from pipelines.samples import PreferencePair, Sample, load_image, read_llava, read_preference
+from pipelines.inputs import read_config_inputs
+from pipelines.samples import PreferencePair, Sample, load_image
 from storage.fs import join, open_fs
 from storage.manifest import MANIFEST_NAME, Manifest
 from storage.schema import MODES, RAW_SCHEMA, RECORD_KINDS, CacheError
@@ -31,8 +32,11 @@ from storage.writer import CacheWriter
 @dataclass
 class TeacherPassConfig:
     teacher: str = ""  # Hugging Face model folder of the teacher (weights + processor)
-    data: str = ""  # LLaVA conversation JSON/JSONL
-    image_root: str = ""  # folder the samples' image paths are relative to
+    data: str = ""  # LLaVA JSON/JSONL, preference JSONL, a save_to_disk folder or Parquet (pipelines/inputs.py)
+    image_root: str = ""  # folder the samples' image paths are relative to (not needed for embedded images)
+    data_split: str | None = None  # split of a DatasetDict / of the Parquet files (train-*.parquet)
+    image_column: str = "image"  # column (JSON key) of the image: path, bytes or HF Image; "" = no images
+    id_column: str = "id"  # column (JSON key) of each sample's unique id (RLAIF-V: idx)
     output: str = ""  # cache folder (or fsspec URL) to create or resume
     records: str = "response"  # comma list of response, visual, relation; or "preference" (data = pairs JSONL)
     mode: str = "topk"  # "topk": k most probable ids; "sampled": ids drawn from the teacher
@@ -126,8 +130,8 @@ def parse_records(records: str) -> list[str]:
 
 
 def read_inputs(cfg: TeacherPassConfig) -> list:
-    """The samples (or preference pairs) of cfg.data; each has a unique .id."""
-    return read_preference(cfg.data) if parse_records(cfg.records) == ["preference"] else read_llava(cfg.data)
+    """The samples (or preference pairs) of cfg.data in any input format; each has a unique .id."""
+    return read_config_inputs(cfg, pairs=parse_records(cfg.records) == ["preference"])
 
 
 def _item(x) -> dict:
@@ -157,7 +161,8 @@ def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
         vocab_size=vocab,
         extraction={"mode": cfg.mode, **width, "temperature": cfg.temperature, "record_kinds": kinds,
                     "positions": "; ".join(f"{k}: {_POSITIONS[k]}" for k in kinds), "max_length": cfg.max_length},
-        inputs={"data": str(cfg.data), "num_samples": num_samples},
+        inputs={"data": str(cfg.data), "num_samples": num_samples,
+                **({"split": cfg.data_split} if cfg.data_split else {})},
     )
 
 

@@ -19,7 +19,7 @@ from functools import partial
 import torch
 
 from pipelines.preprocess import image_token_id
-from pipelines.samples import read_llava
+from pipelines.inputs import read_inputs
 from storage.reader import TeacherCache
 from student.data import DistillDataset, check_student_vocab, collate_items
 from student.losses import sparse_forward_kl
@@ -33,18 +33,20 @@ def _answer(sample) -> str:
 
 @torch.no_grad()
 def evaluate(model_path: str, data: str, image_root: str, cache: str | None = None, batch_size: int = 64,
-             max_length: int = 256, device: str = "cpu") -> dict:
+             max_length: int = 256, device: str = "cpu", split: str | None = None, image_column: str = "image",
+             id_column: str = "id") -> dict:
     """Metrics of the model saved at model_path on the samples in `data`:
     accuracy (exact match), accuracy per task (the samples' "task" field, if any),
     kl_to_teacher (nats per supervised token; only with a cache), samples, tokens, and,
     when the data has existence questions (task "exists"), hallucination_rate: the
     fraction of those about an ABSENT object that the model answers "yes" (POPE's
-    false-positive rate; the answer is the argmax at the first answer token)."""
+    false-positive rate; the answer is the argmax at the first answer token).
+    `data` is any input of pipelines.inputs.read_inputs (split / image_column / id_column as there)."""
     from transformers import AutoProcessor
 
     model = load_model(model_path, device=device).eval()
     processor = AutoProcessor.from_pretrained(model_path)
-    samples = read_llava(data)
+    samples = read_inputs(data, image_root=image_root, split=split, image_column=image_column, id_column=id_column)
     teacher_cache = TeacherCache(cache) if cache else None
     dataset = DistillDataset(samples, processor, image_root, max_length, teacher_cache)
     if teacher_cache is not None:

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pipelines.inputs import read_config_inputs
 from pipelines.preprocess import IGNORE_INDEX, VISION_KEYS, image_token_id
-from pipelines.samples import read_llava, read_preference
 from storage.reader import TeacherCache
 from student.data import (
     DistillDataset,
@@ -63,8 +63,11 @@ from student.moe import MoEConfig, moe_aux_loss, moe_param_groups, save_moe, upc
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # LLaVA conversation JSON/JSONL (objective distill) or preference pairs JSONL
-    image_root: str = ""  # folder the samples' image paths are relative to
+    data: str = ""  # LLaVA JSON/JSONL (objective distill) or preference pairs; or a save_to_disk folder / Parquet
+    image_root: str = ""  # folder the samples' image paths are relative to (not needed for embedded images)
+    data_split: str | None = None  # split of a DatasetDict / of the Parquet files (train-*.parquet)
+    image_column: str = "image"  # column (JSON key) of the image: path, bytes or HF Image; "" = no images
+    id_column: str = "id"  # column (JSON key) of each sample's unique id (RLAIF-V: idx)
     processor: str = ""  # processor folder (tokenizer, chat template, image processor)
     output_dir: str = ""  # where the trained model (HF folder) and logs go
     cache: str | None = None  # teacher cache folder; None trains with CE only
@@ -276,7 +279,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     # Data: the samples re-encoded by the student's processor, joined with cached targets.
     processor = AutoProcessor.from_pretrained(cfg.processor)
     preference = cfg.objective == "preference"
-    samples = read_preference(cfg.data) if preference else read_llava(cfg.data)
+    samples = read_config_inputs(cfg, pairs=preference)
     if cfg.subset:
         import random
 

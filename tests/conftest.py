@@ -1,9 +1,15 @@
 """Shared fixtures: a tiny demo data set, the demo processor and a tiny random LLaVA
 teacher saved as an ordinary Hugging Face folder. Nothing is downloaded."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+if "HF_DATASETS_CACHE" not in os.environ:  # Parquet inputs are converted into this cache; keep it out of $HOME
+    os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="mmkd-tests-hf-datasets-")
+    atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], True)
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,6 +1,12 @@
-"""Synthetic cache rows for storage tests: realistic (softmax of heavy-tailed logits)."""
+"""Synthetic cache rows for storage tests: realistic (softmax of heavy-tailed logits);
+Parquet copies of the demo data set for the input tests."""
+
+import json
+from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from storage.manifest import Manifest
@@ -79,3 +85,14 @@ def assert_topk_close(t: TokenTargets, ref_ids: np.ndarray, ref_logprobs: np.nda
     deep = want < -LEVELS[-1]  # below -40 nats (p < 4e-18): stored as the last level
     assert np.all(err[~deep] <= np.diff(LEVELS).max() / 2 + 1e-5)
     assert np.all(got[deep] == np.float32(-LEVELS[-1]))
+
+
+def llava_parquet(json_path, out, image_root, image="bytes", n=None):
+    """The LLaVA JSON records of json_path (the first n) as a Parquet file written with
+    pyarrow alone: the image column as the file's bytes ("bytes") or its relative path
+    ("path"). Returns the records written."""
+    records = json.loads(Path(json_path).read_text())[:n]
+    rows = [dict(r, image=(Path(image_root) / r["image"]).read_bytes()) if image == "bytes" else dict(r)
+            for r in records]
+    pq.write_table(pa.Table.from_pylist(rows), out)
+    return records

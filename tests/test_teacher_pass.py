@@ -1,10 +1,12 @@
 """The Ray teacher pass: one row per sample, values equal to the teacher's own
 log_softmax, resume without duplicates, refusal of a cache made with other settings."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from helpers import assert_topk_close
+from helpers import assert_topk_close, llava_parquet
 
 from pipelines.preprocess import collate, encode_sample
 from pipelines.samples import load_image, read_llava
@@ -122,6 +124,27 @@ def test_visual_relation_and_preference_caches(ray_local, teacher_dir, demo_dir,
     r = prefs[pairs[0].id].preference
     assert np.isclose(r.chosen_logprob, r.chosen_token_logprobs.astype(np.float64).sum(), atol=1e-3)
     assert r.chosen_logprob < 0 and r.rejected_logprob < 0
+
+
+def test_parquet_with_image_bytes_gives_the_rows_of_the_json(ray_local, teacher_dir, demo_dir, tmp_path):
+    """The same 16 samples as LLaVA JSON (image files under the root) and as Parquet with the
+    images' bytes (no image root): the workers decode the rows themselves, and the caches
+    hold equal rows."""
+    recs = llava_parquet(demo_dir / "train.json", tmp_path / "train.parquet", demo_dir, image="bytes", n=16)
+    (tmp_path / "train.json").write_text(json.dumps(recs))
+    caches = []
+    for data, root in (("train.json", str(demo_dir)), ("train.parquet", "")):
+        cfg = _cfg(teacher_dir, demo_dir, tmp_path / f"cache-{data}")
+        cfg.data, cfg.image_root = str(tmp_path / data), root
+        assert run_teacher_pass(cfg, log=lambda *_: None).complete
+        caches.append(TeacherCache(cfg.output).rows())
+    from_json, from_parquet = caches
+    assert sorted(from_parquet) == sorted(from_json) == sorted(r["id"] for r in recs)
+    for sid, a in from_json.items():
+        b = from_parquet[sid]
+        assert np.array_equal(a.input_ids, b.input_ids) and a.token_digest == b.token_digest
+        for f in ("positions", "ids", "logprobs", "leftover"):
+            assert np.array_equal(getattr(a.response, f), getattr(b.response, f)), (sid, f)
 
 
 def test_records_are_checked():
