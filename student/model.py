@@ -103,6 +103,21 @@ def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torc
 TRAINABLE = ("all", "projector", "llm+projector", "moe")
 
 
+def projector_parameters(model) -> list[torch.nn.Parameter]:
+    """The vision-to-LLM projector's parameters: LLaVA's multi_modal_projector (OneVision's
+    too, with its learned image_newline embedding, trained alongside as in LLaVA-NeXT), or
+    Qwen2-VL's patch merger (the last block of its vision tower)."""
+    inner = model.model
+    if hasattr(inner, "multi_modal_projector"):
+        params = list(inner.multi_modal_projector.parameters())
+        if isinstance(getattr(inner, "image_newline", None), torch.nn.Parameter):
+            params.append(inner.image_newline)
+        return params
+    if hasattr(inner, "visual") and hasattr(inner.visual, "merger"):
+        return list(inner.visual.merger.parameters())
+    raise ValueError(f"{type(model).__name__}: no known projector module; use trainable 'all'")
+
+
 def set_trainable(model, which: str) -> int:
     """Freeze all parameters except the stage's (LLaVA-KD / LLaVA-MoD stages); returns the
     number of trainable parameters.
@@ -119,9 +134,10 @@ def set_trainable(model, which: str) -> int:
 
         return trainable_moe_only(model)
     inner = model.model
-    parts = {"all": [model], "projector": [inner.multi_modal_projector],
-             "llm+projector": [inner.language_model, inner.multi_modal_projector, model.lm_head]}[which]
+    params = {"all": list(model.parameters()), "projector": projector_parameters(model),
+              "llm+projector": [*inner.language_model.parameters(), *projector_parameters(model),
+                                *model.lm_head.parameters()]}[which]
     model.requires_grad_(False)
-    for p in parts:
+    for p in params:
         p.requires_grad_(True)
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

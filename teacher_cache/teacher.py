@@ -33,6 +33,10 @@ def load_teacher(path: str, dtype: str = "float32", device: str = "auto", device
         raise ValueError(f"dtype {dtype!r}: choose one of {sorted(DTYPES)}")
     kwargs = {"dtype": DTYPES[dtype], "trust_remote_code": trust_remote_code}
     if device_map:
+        import importlib.util
+
+        if importlib.util.find_spec("accelerate") is None:
+            raise ValueError(f"device_map={device_map!r} needs the accelerate package: pip install accelerate")
         kwargs["device_map"] = device_map
     try:
         model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
@@ -57,7 +61,7 @@ def input_device(model) -> torch.device:
 def shared_vocab_size(processor, head_size: int) -> int:
     """The vocabulary teacher targets live in: the tokenizer's ids that the output head
     (head_size rows) scores. Checkpoints pad their head past the tokenizer (LLaVA-1.5 32,064
-    rows for 32,002 tokens; Qwen2-VL 151,936 for 151,657); padded rows are no tokens, so
+    rows for 32,002 tokens; Qwen2-VL 151,936 for about 151.7k); padded rows are no tokens, so
     extraction leaves them out and every cached id is < this number."""
     return min(len(processor.tokenizer), head_size)
 

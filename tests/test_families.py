@@ -185,6 +185,7 @@ def test_remote_code_is_not_run_unless_asked(tmp_path):
 def test_device_map_loading_gives_the_same_targets(teacher_dir, demo_dir):
     """device_map (a teacher spread over GPUs) goes through accelerate's dispatch; on this
     machine every layer maps to the CPU, and the targets must not change."""
+    pytest.importorskip("accelerate")  # a dependency of mmkd; the vLLM environment may lack it
     from pipelines.samples import load_image, read_llava
 
     samples = read_llava(demo_dir / "train.json")[:3]
@@ -196,3 +197,22 @@ def test_device_map_loading_gives_the_same_targets(teacher_dir, demo_dir):
         rows.append(extract_rows(model, batch, [s.id for s in samples], image_token_id(proc), "topk", 4,
                                  vocab_size=len(proc.tokenizer)).to_pylist())
     assert rows[0] == rows[1]
+
+
+def test_stage_freezing_finds_each_familys_projector(checkpoint):
+    """trainable=projector trains only the vision-to-LLM projector (LLaVA's MLP, Qwen2-VL's
+    patch merger); llm+projector adds the LLM and head, never the vision encoder."""
+    from student.model import load_model, projector_parameters, set_trainable
+
+    _, folder = checkpoint
+    model = load_model(folder)
+    proj = {id(p) for p in projector_parameters(model)}
+    set_trainable(model, "projector")
+    assert {id(p) for p in model.parameters() if p.requires_grad} == proj
+    set_trainable(model, "llm+projector")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("language_model" in n for n in trainable) and any("lm_head" in n for n in trainable)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(("vision" in n or "visual" in n) for n in frozen)
+    assert all(id(p) in proj or not ("visual" in n or "vision" in n) for n, p in model.named_parameters()
+               if p.requires_grad)
