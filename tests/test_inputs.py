@@ -266,4 +266,4 @@ def test_student_dataset_from_parquet_equals_the_json_one(demo_dir, processor, t
         a, b = from_json[i].encoded, item.encoded
         assert a.sample_id == b.sample_id
         assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
-        assert np.array_equal(a.pixel_values, b.pixel_values)
+        assert np.array_equal(a.vision["pixel_values"], b.vision["pixel_values"])
