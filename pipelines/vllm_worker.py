@@ -34,6 +34,12 @@ class VllmTeacherWorker:
         self.processor = AutoProcessor.from_pretrained(cfg.teacher)
         self.image_token_id = image_token_id(self.processor)
         self.vocab_size = AutoConfig.from_pretrained(cfg.teacher).get_text_config().vocab_size
+        if llm is None and cfg.device != "auto":
+            from vllm.platforms import current_platform
+
+            if not cfg.device.startswith(current_platform.device_type):
+                raise ValueError(f"device {cfg.device!r}: this vLLM build runs on {current_platform.device_type!r}; "
+                                 "vLLM picks its platform itself, so leave --device auto with --backend vllm")
         extra = json.loads(cfg.vllm_args) if cfg.vllm_args else {}
         if not isinstance(extra, dict):
             raise ValueError(f"vllm_args {cfg.vllm_args!r}: expected a JSON object of vllm.LLM arguments")

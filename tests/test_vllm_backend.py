@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,6 +41,7 @@ from teacher_cache.vllm_backend import (NextTokenTable, VllmBackendError, check_
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PY = REPO / ".venv-vllm" / "bin" / "python"
+VLLM_STAMP = REPO / ".venv-vllm" / ".installed"  # written by the Makefile once the venv is complete
 TOL = 1e-4  # nats: vLLM vs transformers, both float32
 K = 8
 # what the vLLM side always runs with (ENVIRONMENT.md): in-process engine, no compile, no hub,
@@ -52,9 +52,9 @@ VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1", "
 
 
 def require_vllm() -> None:
-    if VLLM_PY.exists():
+    if VLLM_STAMP.exists():
         return
-    msg = f"{VLLM_PY.parent.parent} is missing: `make test` builds it (the vLLM CPU environment, see docs/vllm-backend.md)"
+    msg = f"{VLLM_STAMP.parent} is missing or incomplete: `make test` builds it (the vLLM CPU environment, see docs/vllm-backend.md)"
     if os.environ.get("MMKD_REQUIRE_VLLM") == "1":
         pytest.fail(msg + "; MMKD_REQUIRE_VLLM=1 makes that a failure")
     pytest.skip(msg)
@@ -151,36 +151,42 @@ def _token_arrays(table, kind: str, i: int) -> dict[str, np.ndarray]:
     return a
 
 
-def assert_same_topk(ref_ids, ref_lp, got_ids, got_lp, where: str, tol: float = TOL) -> float:
+def assert_same_topk(ref_ids, ref_lp, got_ids, got_lp, where: str, tol: float = TOL) -> tuple[float, int]:
     """Per row: the same top-k id SET, except ids at the k-th place tied within tol with the
     next one (either side may hold either); shared ids' log-probs within tol. Returns the
-    largest |difference| seen."""
-    worst = 0.0
+    largest |difference| seen and the number of rows whose sets differ by such a tie."""
+    worst, ties = 0.0, 0
     for r in range(len(ref_ids)):
         a, b = dict(zip(ref_ids[r].tolist(), ref_lp[r].tolist())), dict(zip(got_ids[r].tolist(), got_lp[r].tolist()))
         for side, other, lp in ((a, b, ref_lp[r]), (b, a, got_lp[r])):
             for tid in set(side) - set(other):
                 assert side[tid] - lp.min() <= tol, f"{where} row {r}: id {tid} ({side[tid]:.6f}) only on one side"
+        ties += set(a) != set(b)
         shared = sorted(set(a) & set(b))
         diff = max((abs(a[t] - b[t]) for t in shared), default=0.0)
         assert diff <= tol, f"{where} row {r}: log-probs differ by {diff:.2e} nats"
         worst = max(worst, diff)
-    return worst
+    return worst, ties
 
 
-def compare_token_tables(ref, got, kinds) -> float:
+def compare_token_tables(ref, got, kinds) -> str:
+    """Assert the RAW tables of the two backends agree (see the module docstring); returns
+    a one-line summary of what was compared."""
     assert ref.column("sample_id").to_pylist() == got.column("sample_id").to_pylist()
     assert ref.column("input_ids").to_pylist() == got.column("input_ids").to_pylist()
     assert ref.column("token_digest").to_pylist() == got.column("token_digest").to_pylist()
-    worst = 0.0
+    worst, ties, left, count = 0.0, 0, 0.0, {k: 0 for k in kinds}
     for kind in kinds:
         for i in range(ref.num_rows):
             a, b = _token_arrays(ref, kind, i), _token_arrays(got, kind, i)
             sid = ref.column("sample_id")[i].as_py()
             assert np.array_equal(a["positions"], b["positions"]) and len(a["positions"]) > 0
-            worst = max(worst, assert_same_topk(a["ids"], a["logprobs"], b["ids"], b["logprobs"], f"{sid} {kind}"))
-            assert np.abs(a["leftover"] - b["leftover"]).max() <= TOL  # 1 - sum(top-k), float64, in vLLM's
-    return worst
+            w, t = assert_same_topk(a["ids"], a["logprobs"], b["ids"], b["logprobs"], f"{sid} {kind}")
+            worst, ties, count[kind] = max(worst, w), ties + t, count[kind] + len(a["positions"])
+            left = max(left, float(np.abs(a["leftover"] - b["leftover"]).max()))
+            assert left <= TOL  # vLLM's is 1 - sum(top-k) in float64
+    return (f"{ref.num_rows} samples, positions {count}: max |d log p| = {worst:.2e} nats, max |d leftover| = "
+            f"{left:.2e}, top-k sets differing by a tie: {ties}")
 
 
 # ---------------------------------------------------------------- equivalence (vLLM for real)
@@ -191,8 +197,7 @@ def test_llava_response_and_visual_rows_equal_the_transformers_backend(vllm_raw,
     model, processor = load_teacher(str(models / "llava"), "float32", "cpu")  # the converted weights
     samples = read_llava(demo_dir / "train.json")
     ref = reference_rows(model, processor, samples, demo_dir, ("response", "visual"))
-    worst = compare_token_tables(ref, vllm_raw["llava_rv"], ("response", "visual"))
-    print(f"\n[vllm] LLaVA response+visual: max |d log p| = {worst:.2e} nats over {len(samples)} samples")
+    print("\n[vllm] LLaVA response+visual:", compare_token_tables(ref, vllm_raw["llava_rv"], ("response", "visual")))
 
 
 def test_llava_preference_rows_equal_the_transformers_backend(vllm_raw, models, demo_dir):
@@ -207,15 +212,15 @@ def test_llava_preference_rows_equal_the_transformers_backend(vllm_raw, models, 
     got = vllm_raw["llava_pref"]
     for col in ("sample_id", "input_ids", "token_digest", "rejected_token_digest"):
         assert ref.column(col).to_pylist() == got.column(col).to_pylist()
-    worst = 0.0
+    worst, n = 0.0, 0
     for col in ("chosen_token_logprobs", "rejected_token_logprobs"):
         for a, b in zip(ref.column(col).to_pylist(), got.column(col).to_pylist()):
             assert len(a) == len(b) > 0
-            worst = max(worst, float(np.abs(np.asarray(a) - np.asarray(b)).max()))
+            worst, n = max(worst, float(np.abs(np.asarray(a) - np.asarray(b)).max())), n + len(a)
     assert worst <= TOL
     for col in ("chosen_logprob", "rejected_logprob"):  # sums of ~30 tokens
         assert np.allclose(ref.column(col).to_pylist(), got.column(col).to_pylist(), atol=50 * TOL, rtol=0)
-    print(f"\n[vllm] LLaVA preference: max |d log p| = {worst:.2e} nats")
+    print(f"\n[vllm] LLaVA preference: {len(pairs)} pairs, {n} answer tokens: max |d log p| = {worst:.2e} nats")
 
 
 def test_text_model_rows_equal_the_transformers_backend(vllm_raw, models):
@@ -225,8 +230,7 @@ def test_text_model_rows_equal_the_transformers_backend(vllm_raw, models):
     processor = AutoProcessor.from_pretrained(models / "text")
     samples = read_llava(models / "text.json")
     ref = reference_rows(model, processor, samples, models, ("response",))
-    worst = compare_token_tables(ref, vllm_raw["text_r"], ("response",))
-    print(f"\n[vllm] Qwen3 text model response: max |d log p| = {worst:.2e} nats")
+    print("\n[vllm] Qwen3 text model response:", compare_token_tables(ref, vllm_raw["text_r"], ("response",)))
 
 
 @pytest.mark.slow
@@ -262,7 +266,7 @@ def test_teacher_pass_cli_with_the_vllm_backend(models, demo_dir, tmp_path):
         for kind in ("response", "visual"):
             a, t = _token_arrays(ref, kind, i), getattr(row, kind)
             assert np.array_equal(t.positions, a["positions"])
-            assert_same_topk(a["ids"], a["logprobs"], t.ids, t.logprobs, f"{s.id} {kind} (decoded)", tol=bound)
+            assert_same_topk(a["ids"], a["logprobs"], t.ids, t.logprobs, f"{s.id} {kind} (decoded)", bound)
             near = a["logprobs"].max(1) > -3  # the fine part of the level table
             if near.any():
                 assert_same_topk(a["ids"][near], a["logprobs"][near], t.ids[near], t.logprobs[near], s.id, 1 / 128 + TOL)
@@ -271,8 +275,8 @@ def test_teacher_pass_cli_with_the_vllm_backend(models, demo_dir, tmp_path):
     other = TeacherPassConfig(teacher=str(models / "llava"), data=str(demo_dir / "train.json"),
                               image_root=str(demo_dir), output=str(out), records="response,visual", k=K,
                               max_length=256, backend="transformers")
-    with pytest.raises(CacheError, match="extraction"):
-        open_writer(other, build_manifest(other, len(samples)))
+    with pytest.raises(CacheError, match=r"\(extraction differ\)"):  # and nothing else: both environments
+        open_writer(other, build_manifest(other, len(samples)))  # describe teacher and processor alike
 
 
 # ---------------------------------------------------------------- without vLLM
