@@ -23,10 +23,12 @@ import pyarrow.compute as pc
 from pipelines.preprocess import collate, encode_sample, image_token_count
 from pipelines.inputs import read_config_inputs
 from pipelines.samples import PreferencePair, Sample, load_image
+from pipelines.vllm_worker import VllmTeacherWorker
 from storage.fs import join, open_fs
 from storage.manifest import MANIFEST_NAME, Manifest
 from storage.schema import MODES, RAW_SCHEMA, RECORD_KINDS, CacheError
 from storage.writer import CacheWriter
+from teacher_cache.vllm_backend import check_backend, check_settings
 
 
 @dataclass
@@ -55,6 +57,9 @@ class TeacherPassConfig:
     max_length: int = 2048
     address: str | None = None  # Ray cluster address ("auto", "ray://..."); None = local Ray
     new_cache: bool = False  # replace a cache in `output` made with other settings
+    backend: str = "transformers"  # teacher runtime: transformers | vllm (docs/vllm-backend.md)
+    tensor_parallel_size: int = 1  # vllm only: GPUs per teacher (one actor gets this many)
+    vllm_args: str = ""  # vllm only: JSON object of extra vllm.LLM() arguments, e.g. {"gpu_memory_utilization": 0.8}
 
 
 class TeacherWorker:
@@ -150,6 +155,9 @@ def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
     if cfg.mode not in MODES:
         raise ValueError(f"mode {cfg.mode!r}: choose one of {MODES}")
     kinds = parse_records(cfg.records)
+    check_backend(cfg.backend)
+    if cfg.backend == "vllm":  # refuse what vLLM cannot give before any actor starts
+        check_settings(cfg.mode, kinds, cfg.temperature)
     if cfg.mode == "topk" and cfg.k > vocab and kinds != ["preference"]:
         raise ValueError(f"k={cfg.k} is larger than the teacher's vocabulary ({vocab})")
     if cfg.mode == "sampled" and not 1 <= cfg.draws <= 255:
@@ -160,7 +168,8 @@ def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
         processor=processor_description(processor, image_token_count(processor)),
         vocab_size=vocab,
         extraction={"mode": cfg.mode, **width, "temperature": cfg.temperature, "record_kinds": kinds,
-                    "positions": "; ".join(f"{k}: {_POSITIONS[k]}" for k in kinds), "max_length": cfg.max_length},
+                    "positions": "; ".join(f"{k}: {_POSITIONS[k]}" for k in kinds), "max_length": cfg.max_length,
+                    "backend": cfg.backend},
         inputs={"data": str(cfg.data), "num_samples": num_samples,
                 **({"split": cfg.data_split} if cfg.data_split else {})},
     )
@@ -210,12 +219,14 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
                          include_dashboard=False, log_to_driver=False)
         import torch
 
-        gpus = cfg.num_gpus_per_worker if cfg.num_gpus_per_worker >= 0 else (1 if torch.cuda.is_available() else 0)
+        per_teacher = cfg.tensor_parallel_size if cfg.backend == "vllm" else 1
+        gpus = cfg.num_gpus_per_worker if cfg.num_gpus_per_worker >= 0 else (per_teacher if torch.cuda.is_available() else 0)
+        worker = VllmTeacherWorker if cfg.backend == "vllm" else TeacherWorker
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # same input -> same shards
         ctx.enable_progress_bars = False
         ds = ray.data.from_items([_item(s) for s in pending])
-        ds = ds.map_batches(TeacherWorker, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
+        ds = ds.map_batches(worker, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_gpus=gpus,
                             batch_format="numpy")
         t0, n, tokens = time.time(), 0, 0

@@ -1,0 +1,45 @@
+"""Runs in the vLLM virtualenv (.venv-vllm), started by tests/test_vllm_backend.py: the
+vLLM backend's worker on whole data files, each RAW table (exact values, before the cache
+codec) written as Parquet for the main environment to compare with the transformers
+backend's.
+
+    python tests/vllm_side.py SPEC.json
+
+SPEC: {"timings": FILE.json, "runs": [{"teacher": DIR, "jobs": [{"data": FILE, "image_root": DIR, "records": "...",
+"k": K, "out": FILE.parquet}, ...]}, ...]}. One vllm.LLM per run (teacher), shared by its jobs.
+"""
+
+import json
+import sys
+import time
+
+import pyarrow.parquet as pq
+
+
+def main(spec_path: str) -> None:
+    from pipelines.samples import read_llava, read_preference
+    from pipelines.teacher_pass import TeacherPassConfig, _item, parse_records
+    from pipelines.vllm_worker import VllmTeacherWorker
+
+    spec = json.loads(open(spec_path).read())
+    timings = []
+    for run in spec["runs"]:
+        llm = None
+        for job in run["jobs"]:
+            cfg = TeacherPassConfig(teacher=run["teacher"], data=job["data"], image_root=job["image_root"],
+                                    records=job["records"], k=job.get("k", 8), max_length=job.get("max_length", 256),
+                                    backend="vllm")
+            t0 = time.time()
+            worker = VllmTeacherWorker(cfg, llm=llm)
+            llm = worker.llm
+            t1 = time.time()
+            items = read_preference(cfg.data) if parse_records(cfg.records) == ["preference"] else read_llava(cfg.data)
+            table = worker({"sample": [_item(x)["sample"] for x in items]})
+            pq.write_table(table, job["out"])
+            timings.append({"out": job["out"], "load_s": t1 - t0, "score_s": time.time() - t1, "rows": table.num_rows})
+    with open(spec["timings"], "w") as f:  # not stdout: vLLM logs there
+        json.dump(timings, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
