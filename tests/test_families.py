@@ -216,3 +216,26 @@ def test_stage_freezing_finds_each_familys_projector(checkpoint):
     assert frozen and all(("vision" in n or "visual" in n) for n in frozen)
     assert all(id(p) in proj or not ("visual" in n or "vision" in n) for n, p in model.named_parameters()
                if p.requires_grad)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_teachers_give_close_targets(teacher_dir, demo_dir, dtype):
+    """--dtype bfloat16 / float16: weights and activations in that dtype, the output head
+    and log-softmax in fp32 (extract.topk_logprobs); targets stay close to the fp32 teacher's."""
+    from pipelines.samples import load_image, read_llava
+
+    samples = read_llava(demo_dir / "train.json")[:4]
+    out = {}
+    for dt in ("float32", dtype):
+        model, proc = load_teacher(str(teacher_dir), dt, "cpu")
+        assert model.dtype == getattr(torch, dt)
+        enc = [encode_sample(proc, s, load_image(demo_dir, s), 256) for s in samples]
+        batch = to_device(collate(enc, proc.tokenizer.pad_token_id), "cpu", model.dtype)
+        assert batch["pixel_values"].dtype == model.dtype
+        out[dt] = extract_rows(model, batch, [s.id for s in samples], image_token_id(proc), "topk", 4,
+                               vocab_size=len(proc.tokenizer)).to_pylist()
+    for a, b in zip(out["float32"], out[dtype]):
+        assert a["input_ids"] == b["input_ids"] and a["response_positions"] == b["response_positions"]
+        top_a = np.asarray(a["response_logprobs"]).reshape(-1, 4).max(1)
+        top_b = np.asarray(b["response_logprobs"]).reshape(-1, 4).max(1)
+        assert np.abs(top_a - top_b).max() < 0.05  # a tiny model: half-precision noise only
