@@ -389,7 +389,7 @@ def test_vllm_outputs_map_onto_cache_positions(flat):
 
     with pytest.raises(VllmBackendError, match="sample s0: vLLM scored 9 tokens but encode_sample built 8"):
         _table(_fake_output(np.r_[seq, img], np.r_[logp, logp[:1]], k, True, flat), seq, "s0", k, V, True)
-    with pytest.raises(VllmBackendError, match="outside the teacher's vocabulary of 20"):
+    with pytest.raises(VllmBackendError, match="outside the teacher's output head of 20 rows"):
         _table(_fake_output(seq, logp, k, True, flat), seq, "s0", k, 20, True)
     assert isinstance(table, NextTokenTable)
 

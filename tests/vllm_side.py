@@ -9,6 +9,7 @@ SPEC: {"timings": FILE.json, "runs": [{"teacher": DIR, "jobs": [{"data": FILE, "
 "k": K, "out": FILE.parquet}, ...]}, ...]}. One vllm.LLM per run (teacher), shared by its jobs.
 """
 
+import gc
 import json
 import sys
 import time
@@ -23,8 +24,13 @@ def main(spec_path: str) -> None:
 
     spec = json.loads(open(spec_path).read())
     timings = []
+    worker = llm = None
     for run in spec["runs"]:
-        llm = None
+        # vLLM's parallel groups are process-global: the previous engine must be gone before
+        # the next one starts, or its late destructor tears down the new engine's groups
+        del worker, llm
+        gc.collect()
+        worker = llm = None
         for job in run["jobs"]:
             cfg = TeacherPassConfig(teacher=run["teacher"], data=job["data"], image_root=job["image_root"],
                                     records=job["records"], k=job.get("k", 8), max_length=job.get("max_length", 256),
