@@ -30,6 +30,7 @@ from pipelines.samples import SampleError, read_llava, read_preference
 from pipelines.teacher_pass import TeacherPassConfig, TeacherWorker, _item, run_teacher_pass
 from storage.manifest import Manifest
 from storage.reader import TeacherCache
+from storage.schema import CacheError
 from storage.writer import ERRORS_NAME, LOCK_NAME
 
 REPO = Path(__file__).resolve().parent.parent
@@ -52,11 +53,17 @@ def _cfg(teacher_dir, data, image_root, out, **kw):
 
 
 @pytest.fixture(scope="module")
-def reference(ray_local, teacher_dir, demo_dir, tmp_path_factory):
-    """Rows of an uninterrupted pass over the clean demo train split (40 samples)."""
+def reference_cache(ray_local, teacher_dir, demo_dir, tmp_path_factory):
+    """An uninterrupted pass over the clean demo train split (40 samples): its folder."""
     cfg = _cfg(teacher_dir, demo_dir / "train.json", demo_dir, tmp_path_factory.mktemp("reference") / "cache")
     assert run_teacher_pass(cfg, **QUIET).complete
-    return TeacherCache(cfg.output).rows()
+    return Path(cfg.output)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_cache):
+    """The reference pass's rows, by sample id."""
+    return TeacherCache(str(reference_cache)).rows()
 
 
 def _by_id(t):
@@ -276,6 +283,34 @@ def test_an_exception_in_the_worker_stops_the_pass(ray_local, teacher_dir, demo_
     m = Manifest.load(cfg.output)
     assert not m.complete and {s.id for s in samples[:8]} <= {i for s in m.shards for i in s.sample_ids}
     assert errors_of(cfg.output)[samples[10].id]["kind"] == "worker-error"
+
+
+def test_a_cache_of_other_settings_is_refused(reference_cache, processor, teacher_dir, demo_dir, tmp_path):
+    """Resuming into a folder that holds a cache made with another teacher (weights), k, record
+    kinds or mode is refused before anything runs, naming what differs and --new-cache, and
+    the cache is left as it was; the same settings resume (nothing to do)."""
+    from conftest import TINY
+
+    from student.model import build_llava
+
+    other_teacher = tmp_path / "other-teacher"
+    build_llava(TINY, processor, seed=2).save_pretrained(other_teacher)
+    processor.save_pretrained(other_teacher)
+    out = tmp_path / "cache"
+    shutil.copytree(reference_cache, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK_NAME}
+    base = {"data": demo_dir / "train.json", "image_root": demo_dir, "out": out}
+    for change, differs in ((dict(teacher_dir=other_teacher), "teacher"), (dict(k=6), "extraction"),
+                            (dict(records="response,visual"), "extraction"), (dict(mode="sampled"), "extraction"),
+                            (dict(dtype="bfloat16"), "teacher")):
+        cfg = _cfg(**{"teacher_dir": teacher_dir, **base, **change})
+        with pytest.raises(CacheError, match=rf"holds a cache made with other settings \({differs} differ\).*"
+                                             "--new-cache"):
+            run_teacher_pass(cfg, **QUIET)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != LOCK_NAME} == before, change
+    logs = []
+    assert run_teacher_pass(_cfg(teacher_dir, **base), log=logs.append).complete  # same settings: nothing to run
+    assert any("40 already in the cache, 0 to run" in x for x in logs)
 
 
 # ------------------------------------------------------------------ kill -9 and resume
