@@ -374,7 +374,7 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_cache(refe
     rng = random.Random(6)
     # (when, k, x): "worker": after k new shards kill the actor, then the driver x shards later;
     # "shard": kill the driver x seconds after the k-th new shard; "start": k seconds after start
-    plans = [("worker", 2, 4), ("shard", rng.randint(1, 4), rng.uniform(0, 0.1)), ("start", rng.uniform(3, 9), 0),
+    plans = [("worker", 2, 4), ("shard", rng.randint(1, 4), rng.uniform(0, 0.1)), ("start", rng.uniform(2, 5), 0),
              ("shard", rng.randint(1, 3), rng.uniform(0, 0.1)), ("end", 0, 0)]
     history = []
     for i, (when, k, x) in enumerate(plans):
