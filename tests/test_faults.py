@@ -147,6 +147,9 @@ def test_worker_returns_bad_samples_as_error_rows(teacher_dir, demo_dir, tmp_pat
     assert {sid for sid, r in got.items() if r["error"]} == set(encode_bad)
     for sid, why in encode_bad.items():
         assert got[sid]["error_kind"] == "encode" and why in got[sid]["error"] and sid in got[sid]["error"]
+    only_bad = worker({"sample": [_item(s)["sample"] for s in samples if s.id in encode_bad]})  # no forward at all
+    assert only_bad.column("sample_id").to_pylist() == [s.id for s in samples if s.id in encode_bad]
+    assert only_bad.column("error_kind").to_pylist() == ["encode"] * len(encode_bad)
 
     # preference pairs: a pair is bad when either of its sequences cannot be built
     pairs = read_preference(demo_dir / "preference.jsonl")[:3]
