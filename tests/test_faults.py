@@ -161,7 +161,7 @@ def test_worker_returns_bad_samples_as_error_rows(teacher_dir, demo_dir, tmp_pat
     assert table.column("chosen_logprob")[0].as_py() < 0
 
 
-def test_bad_samples_are_quarantined_and_retried_when_fixed(reference, teacher_dir, demo_dir, tmp_path):
+def test_bad_samples_are_quarantined_and_retried_when_fixed(reference, processor, teacher_dir, demo_dir, tmp_path):
     path, good_ids, bad = _bad_data(demo_dir, tmp_path)
     cfg = _cfg(teacher_dir, path, tmp_path, tmp_path / "cache", max_length=512)
     logs = []
@@ -175,6 +175,12 @@ def test_bad_samples_are_quarantined_and_retried_when_fixed(reference, teacher_d
     for key, (_, why) in bad.items():
         assert why in errors[key]["reason"], errors[key]
     assert any(f"{len(bad)} sample(s) quarantined (4 read, 3 encode)" in x and ERRORS_NAME in x for x in logs), logs
+    # a student on the data with the quarantined samples refuses, pointing at the errors file
+    from student.data import DistillDataset
+
+    with pytest.raises(CacheError, match=f"3 of {len(good_ids) + 3} samples have no cached targets.*set aside.*"
+                                         f"{ERRORS_NAME}"):
+        DistillDataset([s for s in read_llava(path, errors=[])], processor, str(tmp_path), 512, cache)
 
     # Fix the two images, re-run: only the quarantined samples run again; the fixed ones get
     # the values of the reference samples they copy, the errors file lists what still fails.
