@@ -48,11 +48,11 @@ from pipelines.samples import (
     PreferencePair,
     Sample,
     SampleError,
-    _quarantine,
     check_unique_ids,
     decode_image,
     read_llava,
     read_preference,
+    refuse_or_set_aside,
 )
 
 _BATCH = 4096  # rows converted per step while reading a data set
@@ -283,7 +283,7 @@ def _read_dataset(data: str, pairs: bool, split: str | None, image_column: str, 
             try:
                 out.append(_row_item(row, image, id_column, fields, pairs, f"{where}#{i}"))
             except SampleError as e:
-                _quarantine(errors, key, e)
+                refuse_or_set_aside(errors, key, e)
     check_unique_ids(out, where, "pair" if pairs else "sample")
     return out
 

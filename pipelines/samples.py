@@ -111,7 +111,7 @@ class Sample:
         return cls(d["id"], d["image"], d["messages"], d.get("meta", {}))
 
 
-def _quarantine(errors: list | None, key: str, e: SampleError) -> None:
+def refuse_or_set_aside(errors: list | None, key: str, e: SampleError) -> None:
     """Strict reading (errors None) raises; otherwise the record is set aside as (key, reason)."""
     if errors is None:
         raise e
@@ -143,14 +143,15 @@ def _read_records(path: Path, id_column: str, image_column: str, errors: list | 
             try:
                 r = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:
-                _quarantine(errors, f"{path}:{lineno}", SampleError(
+                refuse_or_set_aside(errors, f"{path}:{lineno}", SampleError(
                     f"{path}: line {lineno} is not UTF-8 text ({e}); re-encode the file as UTF-8"))
                 continue
             except json.JSONDecodeError as e:
-                _quarantine(errors, f"{path}:{lineno}", SampleError(f"{path}: line {lineno} is not valid {what}: {e}"))
+                refuse_or_set_aside(errors, f"{path}:{lineno}",
+                                    SampleError(f"{path}: line {lineno} is not valid {what}: {e}"))
                 continue
             if not isinstance(r, dict):
-                _quarantine(errors, f"{path}:{lineno}", SampleError(
+                refuse_or_set_aside(errors, f"{path}:{lineno}", SampleError(
                     f"{path}: line {lineno} is a JSON {type(r).__name__}, expected an object (one sample a line)"))
                 continue
             records.append((where, r))
@@ -168,14 +169,14 @@ def _read_records(path: Path, id_column: str, image_column: str, errors: list | 
             if isinstance(r, dict):
                 records.append((f"{path}#{i}", r))
             else:
-                _quarantine(errors, f"{path}#{i}", SampleError(
+                refuse_or_set_aside(errors, f"{path}#{i}", SampleError(
                     f"{path}#{i}: a JSON {type(r).__name__}, expected an object (one per sample)"))
     if (id_column, image_column) == ("id", "image"):
         return records
     out = []
     for where, r in records:
         if id_column not in r:
-            _quarantine(errors, where, SampleError(
+            refuse_or_set_aside(errors, where, SampleError(
                 f"{where}: record has no {id_column!r} key (the id column); its keys are {sorted(r)}: name the id "
                 "key with --id-column"))
             continue
@@ -216,7 +217,7 @@ def read_llava(path: str | Path, id_column: str = "id", image_column: str = "ima
         try:
             samples.append(Sample.from_llava(r, where))
         except SampleError as e:
-            _quarantine(errors, _record_key(r, where), e)
+            refuse_or_set_aside(errors, _record_key(r, where), e)
     check_unique_ids(samples, str(path))
     return samples
 
@@ -267,7 +268,7 @@ def read_preference(path: str | Path, id_column: str = "id", image_column: str =
         try:
             pairs.append(PreferencePair.from_record(r, where))
         except SampleError as e:
-            _quarantine(errors, _record_key(r, where), e)
+            refuse_or_set_aside(errors, _record_key(r, where), e)
     check_unique_ids(pairs, str(path), "pair")
     return pairs
 

@@ -279,7 +279,8 @@ def _malformed_records(demo_dir):
         (json.dumps({"id": "two-images", "image": img,
                      "conversations": [{"from": "human", "value": "<image><image>q"}, turns[1]]}),
          "two-images", "2 '<image>' placeholders"),
-        (json.dumps({"id": "no-placeholder", "image": img, "conversations": [{"from": "human", "value": "q"}, turns[1]]}),
+        (json.dumps({"id": "no-placeholder", "image": img,
+                     "conversations": [{"from": "human", "value": "q"}, turns[1]]}),
          "no-placeholder", "0 '<image>' placeholders"),
         (json.dumps({"id": "robot", "image": img, "conversations": [{"from": "robot", "value": "<image>q"}, turns[1]]}),
          "robot", "speaker 'robot'"),
@@ -336,7 +337,7 @@ def test_malformed_records_are_set_aside_when_asked(demo_dir, tmp_path):
     rows.insert(1, dict(rows[0], id=None))
     rows.insert(2, dict(rows[0], id="not-json", conversations="[{"))
     rows.insert(3, dict(rows[0], id="no-image-token", conversations=json.dumps([{"from": "human", "value": "q"},
-                                                                              turns_of(good[0])[1]])))
+                                                                              good[0]["conversations"][1]])))
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mixed.parquet")
     errors = []
     samples = read_inputs(str(tmp_path / "mixed.parquet"), errors=errors)
@@ -356,6 +357,3 @@ def test_malformed_records_are_set_aside_when_asked(demo_dir, tmp_path):
     assert [p.id for p in got] == [pairs[0]["id"], pairs[2]["id"]]
     assert errors[0][0] == "no-rejected" and "lacks ['rejected']" in errors[0][1]
 
-
-def turns_of(record):
-    return record["conversations"]
