@@ -204,11 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pipelines.config import ConfigError
     from storage.schema import CacheError
+    from pipelines.quarantine import WorkerError
     from pipelines.samples import SampleError
 
     try:
         return args.func(args)
-    except (ConfigError, CacheError, SampleError) as e:
+    except (ConfigError, CacheError, SampleError, WorkerError) as e:
         print(f"mmkd: error: {e}", file=sys.stderr)
         return 2
 

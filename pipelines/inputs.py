@@ -29,6 +29,8 @@ are JSON (e.g. "task", used by evaluation per task).
 
 Every reader refuses duplicate ids, names the file (and row) of a bad record, and says
 what was expected; a data set whose image paths need a root refuses an empty image_root.
+Given an ``errors`` list, the readers set malformed records aside instead of refusing the
+whole input (the teacher pass quarantines them: pipelines/quarantine.py).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from pipelines.samples import (
     decode_image,
     read_llava,
     read_preference,
+    refuse_or_set_aside,
 )
 
 _BATCH = 4096  # rows converted per step while reading a data set
@@ -243,7 +246,8 @@ def _jsonable(v) -> bool:
     return False
 
 
-def _read_dataset(data: str, pairs: bool, split: str | None, image_column: str, id_column: str) -> list:
+def _read_dataset(data: str, pairs: bool, split: str | None, image_column: str, id_column: str,
+                  errors: list | None = None) -> list:
     data = data if "://" in data else os.path.abspath(data)  # the ImageRefs' data: workers may have another cwd
     ds = open_dataset(data, split)
     where = f"{data}{f' (split {split})' if split else ''}"
@@ -275,40 +279,53 @@ def _read_dataset(data: str, pairs: bool, split: str | None, image_column: str, 
         for j, (row, cell) in enumerate(zip(tb.select(others).to_pylist(), cells)):
             i = start + j
             image = ImageRef(data, split, i, image_column, id_column) if cell is True else cell
-            if row[id_column] is None:
-                raise SampleError(f"{where}#{i}: the id column {id_column!r} is null; every sample needs an id")
-            rec = {k: v for k, v in row.items()
-                   if k not in (id_column, "id", "image", *fields) and v is not None and _jsonable(v)}
-            rec.update({"id": row[id_column], "image": image}, **{f: row[f] for f in fields})
-            if pairs:
-                out.append(PreferencePair.from_record(rec, f"{where}#{i}"))
-                continue
-            if isinstance(rec["conversations"], str):  # some data sets store the turns as a JSON string
-                try:
-                    rec["conversations"] = json.loads(rec["conversations"])
-                except json.JSONDecodeError as e:
-                    raise SampleError(f"{where}#{i}: 'conversations' is a string but not JSON: {e}") from e
-            out.append(Sample.from_llava(rec, f"{where}#{i}"))
+            key = f"{where}#{i}" if row[id_column] is None else str(row[id_column])
+            try:
+                out.append(_row_item(row, image, id_column, fields, pairs, f"{where}#{i}"))
+            except SampleError as e:
+                refuse_or_set_aside(errors, key, e)
     check_unique_ids(out, where, "pair" if pairs else "sample")
     return out
 
 
+def _row_item(row: dict, image, id_column: str, fields: list[str], pairs: bool, where: str):
+    """One data set row -> a Sample (or PreferencePair); SampleError naming `where` if bad."""
+    if row[id_column] is None:
+        raise SampleError(f"{where}: the id column {id_column!r} is null; every sample needs an id")
+    rec = {k: v for k, v in row.items()
+           if k not in (id_column, "id", "image", *fields) and v is not None and _jsonable(v)}
+    rec.update({"id": row[id_column], "image": image}, **{f: row[f] for f in fields})
+    if pairs:
+        return PreferencePair.from_record(rec, where)
+    if isinstance(rec["conversations"], str):  # some data sets store the turns as a JSON string
+        try:
+            rec["conversations"] = json.loads(rec["conversations"])
+        except json.JSONDecodeError as e:
+            raise SampleError(f"{where}: 'conversations' is a string but not JSON: {e}") from e
+    return Sample.from_llava(rec, where)
+
+
 def read_inputs(data: str, pairs: bool = False, image_root: str = "", split: str | None = None,
-                image_column: str = "image", id_column: str = "id") -> list:
+                image_column: str = "image", id_column: str = "id", errors: list | None = None) -> list:
     """The samples (pairs=False) or preference pairs (pairs=True) of `data`, in the order
     of the file / data set; each has a unique .id. See the module docstring for the
     formats. split: the DatasetDict split or the Parquet files' split; image_column /
     id_column: the column (JSON key) of the image and of the unique id ("" image_column:
-    no images). Refuses samples with image paths when image_root is empty."""
+    no images). Refuses samples with image paths when image_root is empty.
+
+    errors: None (the trainer, evaluation) refuses the input at its first bad record; a
+    list (the teacher pass) receives (id, or "file#row" when the record has none, reason)
+    for every malformed record, which is left out. Problems of the whole input (a missing
+    column, duplicate ids, a .json file that does not parse) are refused either way."""
     data = str(data)
     fmt = detect_format(data)
     if fmt == "json":
         if split is not None:
             raise SampleError(f"{data}: a JSON file has no splits; drop --data-split {split}")
         reader = read_preference if pairs else read_llava
-        items = reader(data, id_column=id_column, image_column=image_column)
+        items = reader(data, id_column=id_column, image_column=image_column, errors=errors)
     else:
-        items = _read_dataset(data, pairs, split, image_column, id_column)
+        items = _read_dataset(data, pairs, split, image_column, id_column, errors)
     if not image_root:
         first = next((x for x in items if isinstance(x.image, str)), None)
         if first is not None:
@@ -317,7 +334,7 @@ def read_inputs(data: str, pairs: bool = False, image_root: str = "", split: str
     return items
 
 
-def read_config_inputs(cfg, pairs: bool = False) -> list:
+def read_config_inputs(cfg, pairs: bool = False, errors: list | None = None) -> list:
     """read_inputs with the fields every config that reads data shares: data, image_root,
     data_split, image_column, id_column (TeacherPassConfig, TrainConfig)."""
-    return read_inputs(cfg.data, pairs, cfg.image_root, cfg.data_split, cfg.image_column, cfg.id_column)
+    return read_inputs(cfg.data, pairs, cfg.image_root, cfg.data_split, cfg.image_column, cfg.id_column, errors)

@@ -72,6 +72,9 @@ class Sample:
         convs = record.get("conversations")
         if not convs:
             raise SampleError(f"sample {sid} ({where}): empty or missing 'conversations'")
+        if not isinstance(convs, list) or not all(isinstance(t, dict) for t in convs):
+            raise SampleError(f"sample {sid} ({where}): 'conversations' must be a list of {{\"from\", \"value\"}} "
+                              f"objects, got {type(convs).__name__}")
         messages = []
         for turn in convs:
             role = _ROLES.get(turn.get("from", ""))
@@ -108,31 +111,80 @@ class Sample:
         return cls(d["id"], d["image"], d["messages"], d.get("meta", {}))
 
 
-def _read_records(path: Path, id_column: str, image_column: str) -> list[dict]:
-    """The records of a .json list or .jsonl file, with the id / image keys renamed to
-    "id" / "image" (image_column "" = the records have no image)."""
-    text = path.read_text()
-    try:
-        if path.suffix == ".jsonl":
-            records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        else:
-            records = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SampleError(f"{path}: not valid {'JSON Lines' if path.suffix == '.jsonl' else 'JSON'}: {e}") from e
-    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-        raise SampleError(f"{path}: expected a list of JSON objects (one per sample)")
+def refuse_or_set_aside(errors: list | None, key: str, e: SampleError) -> None:
+    """Strict reading (errors None) raises; otherwise the record is set aside as (key, reason)."""
+    if errors is None:
+        raise e
+    errors.append((key, str(e)))
+
+
+def _record_key(r, where: str) -> str:
+    """A bad record's name in the errors file: its id when it has one, else where it is."""
+    return str(r["id"]) if isinstance(r, dict) and r.get("id") is not None else where
+
+
+def _read_records(path: Path, id_column: str, image_column: str, errors: list | None = None) -> list[tuple[str, dict]]:
+    """(where, record) for the records of a .json list or .jsonl file, with the id / image
+    keys renamed to "id" / "image" (image_column "" = the records have no image); where is
+    "path#i" (the i-th record).
+
+    errors: None refuses the file at its first bad record (SampleError); a list receives
+    (key, reason) for each bad JSONL line (not UTF-8, not JSON, not an object) or record
+    without the id key, and the others are returned. A .json file that does not parse is
+    refused either way (one document: nothing to keep)."""
+    what = "JSON Lines" if path.suffix == ".jsonl" else "JSON"
+    if path.suffix == ".jsonl":
+        records, i = [], -1
+        for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
+            if not raw.strip():
+                continue
+            i += 1  # the record's index: non-blank lines counted from 0
+            where = f"{path}#{i}"
+            try:
+                r = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                refuse_or_set_aside(errors, f"{path}:{lineno}", SampleError(
+                    f"{path}: line {lineno} is not UTF-8 text ({e}); re-encode the file as UTF-8"))
+                continue
+            except json.JSONDecodeError as e:
+                refuse_or_set_aside(errors, f"{path}:{lineno}",
+                                    SampleError(f"{path}: line {lineno} is not valid {what}: {e}"))
+                continue
+            if not isinstance(r, dict):
+                refuse_or_set_aside(errors, f"{path}:{lineno}", SampleError(
+                    f"{path}: line {lineno} is a JSON {type(r).__name__}, expected an object (one sample a line)"))
+                continue
+            records.append((where, r))
+    else:
+        try:
+            loaded = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise SampleError(f"{path}: not UTF-8 text ({e}); re-encode the file as UTF-8") from e
+        except json.JSONDecodeError as e:
+            raise SampleError(f"{path}: not valid {what}: {e}") from e
+        if not isinstance(loaded, list):
+            raise SampleError(f"{path}: expected a list of JSON objects (one per sample)")
+        records = []
+        for i, r in enumerate(loaded):
+            if isinstance(r, dict):
+                records.append((f"{path}#{i}", r))
+            else:
+                refuse_or_set_aside(errors, f"{path}#{i}", SampleError(
+                    f"{path}#{i}: a JSON {type(r).__name__}, expected an object (one per sample)"))
     if (id_column, image_column) == ("id", "image"):
         return records
     out = []
-    for i, r in enumerate(records):
+    for where, r in records:
         if id_column not in r:
-            raise SampleError(f"{path}#{i}: record has no {id_column!r} key (the id column); its keys are "
-                              f"{sorted(r)}: name the id key with --id-column")
+            refuse_or_set_aside(errors, where, SampleError(
+                f"{where}: record has no {id_column!r} key (the id column); its keys are {sorted(r)}: name the id "
+                "key with --id-column"))
+            continue
         renamed = {k: v for k, v in r.items() if k not in ("id", "image", id_column, image_column)}
         renamed["id"] = r[id_column]
         if image_column and r.get(image_column) is not None:
             renamed["image"] = r[image_column]
-        out.append(renamed)
+        out.append((where, renamed))
     return out
 
 
@@ -146,17 +198,26 @@ def check_unique_ids(items: list, where: str, what: str = "sample") -> None:
         seen[x.id] = i
 
 
-def read_llava(path: str | Path, id_column: str = "id", image_column: str = "image") -> list[Sample]:
+def read_llava(path: str | Path, id_column: str = "id", image_column: str = "image",
+               errors: list | None = None) -> list[Sample]:
     """Read a LLaVA conversation file (.json list or .jsonl); refuses duplicate ids.
 
     id_column / image_column: the record keys holding the id and the image path (relative
-    to the image root); "" as image_column = no images."""
+    to the image root); "" as image_column = no images. errors: None refuses the file at
+    its first bad record; a list receives (id or "file#row", reason) per bad record, which
+    is left out (the teacher pass quarantines them: pipelines/quarantine.py)."""
     path = Path(path)
-    records = _read_records(path, id_column, image_column)
-    if records and "conversations" not in records[0] and {"chosen", "rejected"} <= set(records[0]):
+    records = _read_records(path, id_column, image_column, errors)
+    first = records[0][1] if records else {}
+    if records and "conversations" not in first and {"chosen", "rejected"} <= set(first):
         raise SampleError(f"{path}: holds preference pairs (question, chosen, rejected), not LLaVA conversations; "
                           "use it with --records preference (teacher pass) or --objective preference (train)")
-    samples = [Sample.from_llava(r, f"{path}#{i}") for i, r in enumerate(records)]
+    samples = []
+    for where, r in records:
+        try:
+            samples.append(Sample.from_llava(r, where))
+        except SampleError as e:
+            refuse_or_set_aside(errors, _record_key(r, where), e)
     check_unique_ids(samples, str(path))
     return samples
 
@@ -197,12 +258,17 @@ class PreferencePair:
                                             {"role": "assistant", "content": answer}])
 
 
-def read_preference(path: str | Path, id_column: str = "id", image_column: str = "image") -> list[PreferencePair]:
+def read_preference(path: str | Path, id_column: str = "id", image_column: str = "image",
+                    errors: list | None = None) -> list[PreferencePair]:
     """Read preference pairs (JSONL or a JSON list); refuses missing fields and duplicate
-    ids. id_column / image_column as in read_llava."""
+    ids. id_column / image_column / errors as in read_llava."""
     path = Path(path)
-    records = _read_records(path, id_column, image_column)
-    pairs = [PreferencePair.from_record(r, f"{path}#{i}") for i, r in enumerate(records)]
+    pairs = []
+    for where, r in _read_records(path, id_column, image_column, errors):
+        try:
+            pairs.append(PreferencePair.from_record(r, where))
+        except SampleError as e:
+            refuse_or_set_aside(errors, _record_key(r, where), e)
     check_unique_ids(pairs, str(path), "pair")
     return pairs
 

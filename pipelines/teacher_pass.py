@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from pipelines.preprocess import collate, encode_sample, image_token_count
 from pipelines.inputs import read_config_inputs
+from pipelines.quarantine import Quarantine, encode_each, guarded, with_errors, worker_options
 from pipelines.samples import PreferencePair, Sample, load_image
 from pipelines.vllm_worker import VllmTeacherWorker
 from storage.fs import join, open_fs
@@ -60,6 +61,8 @@ class TeacherPassConfig:
     backend: str = "transformers"  # teacher runtime: transformers | vllm (docs/vllm-backend.md)
     tensor_parallel_size: int = 1  # vllm only: GPUs per teacher (one actor gets this many)
     vllm_args: str = ""  # vllm only: JSON object of extra vllm.LLM() arguments, e.g. {"gpu_memory_utilization": 0.8}
+    fail_fast: bool = False  # stop at the first bad sample instead of quarantining it to <output>/errors.jsonl
+    max_retries: int = 3  # times Ray retries a batch whose worker process died; then its samples are reported
 
 
 class TeacherWorker:
@@ -86,32 +89,44 @@ class TeacherWorker:
 
             self.gram = head_gram(output_head(self.model, self.vocab_size))
 
-    def _tensors(self, samples: list[Sample]) -> dict:
+    def _encode(self, sample: Sample):
+        return encode_sample(self.processor, sample, load_image(self.cfg.image_root, sample), self.cfg.max_length)
+
+    def _tensors(self, encoded: list) -> dict:
         from teacher_cache.extract import to_device
 
-        encoded = [encode_sample(self.processor, s, load_image(self.cfg.image_root, s), self.cfg.max_length)
-                   for s in samples]
         return to_device(collate(encoded, self.processor.tokenizer.pad_token_id), self.device, self.model.dtype)
 
     def __call__(self, batch: dict) -> pa.Table:
+        """The batch's RAW rows, and its bad samples as error rows (pipelines/quarantine.py):
+        each sample is encoded on its own, the teacher runs on those that encode."""
+        return guarded(self._rows, batch)
+
+    def _rows(self, batch: dict) -> pa.Table:
         import torch
 
         from teacher_cache.extract import extract_preference_rows, extract_rows
 
         if self.records == ["preference"]:  # chosen sequences, then rejected, in one forward
-            pairs = [PreferencePair(**json.loads(s)) for s in batch["sample"]]
-            tensors = self._tensors([p.sample("chosen") for p in pairs] + [p.sample("rejected") for p in pairs])
-            return extract_preference_rows(self.model, tensors, [p.id for p in pairs], self.image_token_id,
-                                           self.vocab_size)
-        samples = [Sample.from_json(s) for s in batch["sample"]]
-        tensors = self._tensors(samples)
+            pairs, encoded, bad = encode_each([PreferencePair(**json.loads(s)) for s in batch["sample"]],
+                                              lambda p: (self._encode(p.sample("chosen")),
+                                                         self._encode(p.sample("rejected"))))
+            if not pairs:
+                return with_errors(None, bad)
+            tensors = self._tensors([c for c, _ in encoded] + [r for _, r in encoded])
+            return with_errors(extract_preference_rows(self.model, tensors, [p.id for p in pairs],
+                                                       self.image_token_id, self.vocab_size), bad)
+        samples, encoded, bad = encode_each([Sample.from_json(s) for s in batch["sample"]], self._encode)
+        if not samples:
+            return with_errors(None, bad)
+        tensors = self._tensors(encoded)
         ids = [s.id for s in samples]
         gen = None
         if self.cfg.mode == "sampled":  # draws depend on the seed and the batch's samples, not on timing
             gen = torch.Generator(self.device).manual_seed(zlib.crc32(f"{self.cfg.seed}|{'|'.join(ids)}".encode()))
-        return extract_rows(self.model, tensors, ids, self.image_token_id, self.cfg.mode, self.cfg.k,
-                            self.cfg.draws, self.cfg.temperature, gen, tuple(self.records), self.gram,
-                            self.vocab_size)
+        return with_errors(extract_rows(self.model, tensors, ids, self.image_token_id, self.cfg.mode, self.cfg.k,
+                                        self.cfg.draws, self.cfg.temperature, gen, tuple(self.records), self.gram,
+                                        self.vocab_size), bad)
 
 
 _POSITIONS = {
@@ -134,9 +149,10 @@ def parse_records(records: str) -> list[str]:
     return [k for k in RECORD_KINDS if k in kinds]
 
 
-def read_inputs(cfg: TeacherPassConfig) -> list:
-    """The samples (or preference pairs) of cfg.data in any input format; each has a unique .id."""
-    return read_config_inputs(cfg, pairs=parse_records(cfg.records) == ["preference"])
+def read_inputs(cfg: TeacherPassConfig, errors: list | None = None) -> list:
+    """The samples (or preference pairs) of cfg.data in any input format; each has a unique .id.
+    errors: a list receiving (id, reason) per malformed record, left out (None: refuse the input)."""
+    return read_config_inputs(cfg, pairs=parse_records(cfg.records) == ["preference"], errors=errors)
 
 
 def _item(x) -> dict:
@@ -204,8 +220,10 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
     """Run (or resume) the teacher pass; returns the final manifest."""
     import ray
 
-    samples = read_inputs(cfg)
+    read_errors = None if cfg.fail_fast else []  # --fail-fast: the first malformed record stops the pass
+    samples = read_inputs(cfg, read_errors)
     writer = open_writer(cfg, build_manifest(cfg, len(samples)))
+    quarantine = Quarantine(cfg.output, writer, read_errors or [], cfg.fail_fast, cfg.max_retries, log)
     done = {sid for s in writer.manifest.shards for sid in s.sample_ids}
     pending = [s for s in samples if s.id not in done]
     log(f"[teacher-pass] {len(samples)} samples, {len(done)} already in the cache, {len(pending)} to run")
@@ -225,23 +243,30 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # same input -> same shards
         ctx.enable_progress_bars = False
+        ctx.max_errored_blocks = 0 if cfg.fail_fast else -1  # a batch Ray gave up on: reported by quarantine.finish
         ds = ray.data.from_items([_item(s) for s in pending])
         ds = ds.map_batches(worker, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_gpus=gpus,
-                            batch_format="numpy")
+                            batch_format="numpy", **worker_options(cfg))
         t0, n, tokens = time.time(), 0, 0
         for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            table = quarantine.take(table)  # bad samples -> errors.jsonl (or stop: --fail-fast, worker error)
+            if not table.num_rows:
+                continue
             writer.add(table.select(RAW_SCHEMA.names).cast(RAW_SCHEMA))
             n += table.num_rows
             tokens += pc.sum(pc.list_value_length(table.column("response_positions"))).as_py() or 0
             rate = n / (time.time() - t0)
             log(f"[teacher-pass] {len(done) + n}/{len(samples)} samples  {rate:.1f} samples/s  "
                 f"{tokens / (time.time() - t0):.0f} targets/s  ETA {(len(pending) - n) / rate:.0f}s")
+    quarantine.finish(pending)  # samples of batches whose worker died more than max_retries times
     writer.flush()
     committed = {sid for s in writer.manifest.shards for sid in s.sample_ids}
-    manifest = writer.close(complete=all(s.id in committed for s in samples))
+    manifest = writer.close(complete=all(s.id in committed for s in samples) and not quarantine.records)
     size = sum(s.bytes for s in manifest.shards)
     targets = sum(s.targets for s in manifest.shards)
     log(f"[teacher-pass] done: {manifest.num_rows} rows in {len(manifest.shards)} shards, {size / 1e6:.2f} MB, "
         f"{size / max(1, targets):.1f} bytes per target token -> {cfg.output}")
+    if quarantine.records:
+        log(quarantine.summary())
     return manifest

@@ -1,8 +1,9 @@
 """The teacher pass's actor for ``--backend vllm``: same contract as
 pipelines.teacher_pass.TeacherWorker (constructed with the TeacherPassConfig; called with a
-batch of samples, returns RAW_SCHEMA rows), with the teacher run by vLLM
-(teacher_cache.vllm_backend). Sequences are built by the one encode_sample, so both
-backends score identical ids."""
+batch of samples, returns RAW_SCHEMA rows plus error rows for bad samples), with the
+teacher run by vLLM (teacher_cache.vllm_backend). Sequences are built by the one
+encode_sample, each sample on its own through pipelines.quarantine.encode_each, so both
+backends score identical ids and set aside the same bad samples."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import pyarrow as pa
 
 from pipelines.preprocess import encode_sample, image_token_id
+from pipelines.quarantine import encode_each, guarded, with_errors
 from pipelines.samples import PreferencePair, Sample, load_image
 
 
@@ -49,23 +51,38 @@ class VllmTeacherWorker:
         self.llm = llm if llm is not None else load_vllm_teacher(
             cfg.teacher, cfg.dtype, cfg.k + self.head_padding, cfg.max_length, cfg.tensor_parallel_size, extra)
 
-    def _score(self, samples: list[Sample], k: int, last_row: bool):
+    def _encode(self, sample: Sample):
+        image = load_image(self.cfg.image_root, sample)
+        return image, encode_sample(self.processor, sample, image, self.cfg.max_length)
+
+    def _score(self, encoded: list, ids: list[str], k: int, last_row: bool):
+        """encoded: (image, Encoded) per sequence."""
         from teacher_cache.vllm_backend import score_sequences
 
-        images = [load_image(self.cfg.image_root, s) for s in samples]
-        encoded = [encode_sample(self.processor, s, im, self.cfg.max_length) for s, im in zip(samples, images)]
-        tables = score_sequences(self.llm, [e.input_ids for e in encoded], images, [s.id for s in samples], k,
+        tables = score_sequences(self.llm, [e.input_ids for _, e in encoded], [im for im, _ in encoded], ids, k,
                                  self.image_token_id, self.vocab_size, last_row, self.head_padding)
-        return tables, [e.labels for e in encoded]
+        return tables, [e.labels for _, e in encoded]
 
     def __call__(self, batch: dict) -> pa.Table:
+        """As TeacherWorker.__call__: RAW rows plus error rows for the bad samples."""
+        return guarded(self._rows, batch)
+
+    def _rows(self, batch: dict) -> pa.Table:
         from teacher_cache.vllm_backend import preference_rows_from_tables, rows_from_tables
 
         if self.records == ["preference"]:  # chosen sequences, then rejected, in one vLLM batch
-            pairs = [PreferencePair(**json.loads(s)) for s in batch["sample"]]
-            tables, labels = self._score([p.sample("chosen") for p in pairs] + [p.sample("rejected") for p in pairs],
-                                         0, last_row=False)
-            return preference_rows_from_tables(tables, labels, [p.id for p in pairs], self.image_token_id)
-        samples = [Sample.from_json(s) for s in batch["sample"]]
-        tables, labels = self._score(samples, self.cfg.k, last_row="visual" in self.records)
-        return rows_from_tables(tables, labels, [s.id for s in samples], self.image_token_id, tuple(self.records))
+            pairs, encoded, bad = encode_each([PreferencePair(**json.loads(s)) for s in batch["sample"]],
+                                              lambda p: (self._encode(p.sample("chosen")),
+                                                         self._encode(p.sample("rejected"))))
+            if not pairs:
+                return with_errors(None, bad)
+            ids = [p.id for p in pairs]
+            tables, labels = self._score([c for c, _ in encoded] + [r for _, r in encoded], ids + ids, 0,
+                                         last_row=False)
+            return with_errors(preference_rows_from_tables(tables, labels, ids, self.image_token_id), bad)
+        samples, encoded, bad = encode_each([Sample.from_json(s) for s in batch["sample"]], self._encode)
+        if not samples:
+            return with_errors(None, bad)
+        ids = [s.id for s in samples]
+        tables, labels = self._score(encoded, ids, self.cfg.k, last_row="visual" in self.records)
+        return with_errors(rows_from_tables(tables, labels, ids, self.image_token_id, tuple(self.records)), bad)

@@ -26,6 +26,9 @@ from storage.schema import RAW_SCHEMA, TOKEN_KINDS, CacheError
 from storage.tables import encode_raw
 
 LOCK_NAME = ".writer.lock"
+# The teacher pass's record of quarantined samples (pipelines/quarantine.py): beside the
+# shards, never a shard; readers ignore it and writers leave it (the pass replaces it).
+ERRORS_NAME = "errors.jsonl"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -87,7 +90,7 @@ class CacheWriter:
             name = p.rstrip("/").rsplit("/", 1)[-1]
             if name in (MANIFEST_NAME, LOCK_NAME) or name in listed:
                 continue
-            if name.startswith((".shard-", "shard-", f".{MANIFEST_NAME}")):
+            if name.startswith((".shard-", "shard-", f".{MANIFEST_NAME}", f".{ERRORS_NAME}")):
                 self.fs.rm(p)  # left by a crash before commit: never visible to readers
 
     def add(self, table: pa.Table) -> None:

@@ -16,7 +16,9 @@ from pipelines.preprocess import IGNORE_INDEX, Encoded, collate, encode_sample, 
 from pipelines.check import vocab_digest
 from pipelines.samples import PreferencePair, Sample, load_image
 from storage.reader import CacheRow, TeacherCache
+from storage.fs import join
 from storage.schema import CacheError, collapse_image_runs, token_digest
+from storage.writer import ERRORS_NAME
 
 
 class AlignmentError(CacheError):
@@ -93,10 +95,13 @@ class DistillDataset(torch.utils.data.Dataset):
                                       for t in (r.response, r.visual) if t is not None and t.ids.size), default=None)
             missing = [s.id for s in samples if s.id not in self.rows]
             if missing:
+                errors = join(cache.root, ERRORS_NAME)
                 raise CacheError(
                     f"{cache.path}: {len(missing)} of {len(samples)} samples have no cached targets "
                     f"(first: {missing[:5]}); run the teacher pass on this data (it resumes) "
                     "or train on the cached samples only"
+                    + (f"; the samples the teacher pass set aside are listed with the reason in {errors}"
+                       if cache.fs.exists(errors) else "")
                 )
 
     def __len__(self) -> int:

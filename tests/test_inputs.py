@@ -267,3 +267,93 @@ def test_student_dataset_from_parquet_equals_the_json_one(demo_dir, processor, t
         assert a.sample_id == b.sample_id
         assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
         assert np.array_equal(a.vision["pixel_values"], b.vision["pixel_values"])
+
+
+def _malformed_records(demo_dir):
+    """(good records, [(JSONL line bytes, key in the errors, reason pattern)]): one malformed
+    record of each kind the readers set aside, between good ones."""
+    good = _records(demo_dir / "train.json")[:3]
+    img, turns = good[0]["image"], good[0]["conversations"]
+    bad = [
+        (json.dumps({"id": "empty", "image": img, "conversations": []}), "empty", "empty or missing 'conversations'"),
+        (json.dumps({"id": "two-images", "image": img,
+                     "conversations": [{"from": "human", "value": "<image><image>q"}, turns[1]]}),
+         "two-images", "2 '<image>' placeholders"),
+        (json.dumps({"id": "no-placeholder", "image": img,
+                     "conversations": [{"from": "human", "value": "q"}, turns[1]]}),
+         "no-placeholder", "0 '<image>' placeholders"),
+        (json.dumps({"id": "robot", "image": img, "conversations": [{"from": "robot", "value": "<image>q"}, turns[1]]}),
+         "robot", "speaker 'robot'"),
+        (json.dumps({"id": "only-question", "image": img, "conversations": turns[:1]}), "only-question",
+         "no assistant"),
+        (json.dumps({"id": "turns-not-objects", "image": img, "conversations": ["<image>q", "a"]}),
+         "turns-not-objects", "must be a list of"),
+        (json.dumps({"image": img, "conversations": turns}), "#8", "no 'id' field"),
+        (b'{"id": "latin1", "image": "' + img.encode() + b'", "conversations": "caf\xe9"}', ":10", "not UTF-8"),
+        (b'{"id": "cut", "image": ', ":11", "not valid JSON"),
+        (b"[1, 2]", ":12", "a JSON list, expected an object"),
+    ]
+    return good, [(b.encode() if isinstance(b, str) else b, key, why) for b, key, why in bad]
+
+
+def test_malformed_records_are_set_aside_when_asked(demo_dir, tmp_path):
+    """With an errors list (the teacher pass), every malformed record is left out and listed
+    with its id (or file#row / file:line when it has none) and the reason; the good records
+    read as usual. Without one (trainer, evaluation), the first is refused, naming it."""
+    good, bad = _malformed_records(demo_dir)
+    lines = [json.dumps(good[0]).encode(), *[b for b, _, _ in bad[:6]], json.dumps(good[1]).encode(),
+             *[b for b, _, _ in bad[6:]], json.dumps(good[2]).encode()]
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    errors = []
+    samples = read_inputs(str(path), image_root=str(demo_dir), errors=errors)
+    assert [s.id for s in samples] == [r["id"] for r in good]
+    assert [s.messages for s in samples] == [s.messages for s in read_llava(demo_dir / "train.json")[:3]]
+    reasons = dict(errors)
+    assert len(reasons) == len(errors) == len(bad)
+    for _, key, why in bad:  # a record without an id is named by its place: file#record or file:line
+        key = f"{path}{key}" if key.startswith((":", "#")) else key
+        assert why in reasons[key], (key, reasons[key])
+    with pytest.raises(SampleError, match=f"{path.name}: line 10 is not UTF-8 text"):  # lines parse first
+        read_inputs(str(path), image_root=str(demo_dir))
+    path.write_bytes(b"\n".join(lines[:9]))
+    with pytest.raises(SampleError, match=f"sample empty .*{path.name}#1.*empty or missing 'conversations'"):
+        read_inputs(str(path), image_root=str(demo_dir))
+
+    # the same records as a JSON list: one malformed record does not lose the file either
+    listed = [good[0], json.loads(bad[0][0]), 7, good[1]]
+    (tmp_path / "list.json").write_text(json.dumps(listed))
+    errors = []
+    assert [s.id for s in read_inputs(str(tmp_path / "list.json"), image_root=str(demo_dir), errors=errors)] == \
+        [good[0]["id"], good[1]["id"]]
+    assert sorted(k for k, _ in errors) == sorted(["empty", f"{tmp_path / 'list.json'}#2"])
+    (tmp_path / "broken.json").write_bytes(b'[{"id": "a"')  # one document: nothing to keep, refused either way
+    with pytest.raises(SampleError, match="broken.json: not valid JSON"):
+        read_inputs(str(tmp_path / "broken.json"), errors=[])
+
+    # a data set (Parquet): rows with a null id, turns that are not JSON, wrong placeholders
+    rows = [dict(r, image=(demo_dir / r["image"]).read_bytes(), conversations=json.dumps(r["conversations"]))
+            for r in good]
+    rows.insert(1, dict(rows[0], id=None))
+    rows.insert(2, dict(rows[0], id="not-json", conversations="[{"))
+    rows.insert(3, dict(rows[0], id="no-image-token", conversations=json.dumps([{"from": "human", "value": "q"},
+                                                                              good[0]["conversations"][1]])))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mixed.parquet")
+    errors = []
+    samples = read_inputs(str(tmp_path / "mixed.parquet"), errors=errors)
+    assert [s.id for s in samples] == [r["id"] for r in good]
+    assert [k for k, _ in errors] == [f"{tmp_path / 'mixed.parquet'}#1", "not-json", "no-image-token"]
+    assert "id column 'id' is null" in errors[0][1] and "not JSON" in errors[1][1]
+    assert "0 '<image>' placeholders" in errors[2][1]
+    with pytest.raises(SampleError, match="mixed.parquet#1: the id column 'id' is null"):
+        read_inputs(str(tmp_path / "mixed.parquet"))
+
+    # preference pairs: a pair without its rejected answer is set aside by id
+    pairs = [json.loads(x) for x in (demo_dir / "preference.jsonl").read_text().splitlines()[:2]]
+    pairs.insert(1, dict(pairs[0], id="no-rejected", rejected=""))
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    errors = []
+    got = read_inputs(str(tmp_path / "pairs.jsonl"), pairs=True, image_root=str(demo_dir), errors=errors)
+    assert [p.id for p in got] == [pairs[0]["id"], pairs[2]["id"]]
+    assert errors[0][0] == "no-rejected" and "lacks ['rejected']" in errors[0][1]
+

@@ -133,7 +133,12 @@ def vllm_raw(models, demo_dir, tmp_path_factory):
     per teacher."""
     require_vllm()
     out = tmp_path_factory.mktemp("vllm_raw")
+    bad = json.loads((demo_dir / "train.json").read_text())[:6]  # two samples the worker must set aside
+    bad[2]["image"] = "images/nope.png"
+    bad[4]["conversations"][1]["value"] = " ".join(["left"] * 300)  # longer than max_length 256
+    (out / "bad.json").write_text(json.dumps(bad))
     jobs = {"llava_rv": (models / "llava", demo_dir / "train.json", "response,visual"),
+            "llava_bad": (models / "llava", out / "bad.json", "response,visual"),
             "llava_pref": (models / "llava", demo_dir / "preference.jsonl", "preference"),
             "text_r": (models / "text", models / "text.json", "response"),
             "text_padded_r": (models / "text_padded", models / "text.json", "response")}
@@ -214,6 +219,22 @@ def test_llava_response_and_visual_rows_equal_the_transformers_backend(vllm_raw,
     samples = read_llava(demo_dir / "train.json")
     ref = reference_rows(model, processor, samples, demo_dir, ("response", "visual"))
     print("\n[vllm] LLaVA response+visual:", compare_token_tables(ref, vllm_raw["llava_rv"], ("response", "visual")))
+
+
+def test_bad_samples_come_back_as_error_rows_from_the_vllm_worker(vllm_raw, demo_dir):
+    """The vLLM actor encodes each sample on its own (pipelines.quarantine.encode_each, as
+    the transformers actor): a missing image and an over-long sample come back as error rows
+    naming them, the other samples' rows equal those of the clean run."""
+    got, clean = vllm_raw["llava_bad"], vllm_raw["llava_rv"]
+    ids = [r["id"] for r in json.loads((demo_dir / "train.json").read_text())[:6]]
+    assert got.column("sample_id").to_pylist() == ids[:2] + ids[3:4] + ids[5:] + [ids[2], ids[4]]
+    assert got.column("error_kind").to_pylist() == [None] * 4 + ["encode", "encode"]
+    errors = got.column("error").to_pylist()
+    assert "cannot read image" in errors[4] and ids[2] in errors[4]
+    assert "longer than max_length=256" in errors[5] and ids[4] in errors[5]
+    good = got.slice(0, 4)
+    ref = clean.take([clean.column("sample_id").to_pylist().index(i) for i in good.column("sample_id").to_pylist()])
+    print("\n[vllm] rows next to bad samples:", compare_token_tables(ref, good, ("response", "visual")))
 
 
 def test_llava_preference_rows_equal_the_transformers_backend(vllm_raw, models, demo_dir):
