@@ -63,8 +63,8 @@ IMAGE_QUESTIONS = ["What does this screenshot show?", "Can you explain what is i
                    "Describe the image briefly.", "What is this figure about?", "What is shown here?"]
 
 
-def synthetic_images(n: int, seed: int) -> torch.Tensor:
-    """n CLIP-normalised 224x224 RGB images of random coloured shapes on a coloured background."""
+def synthetic_pil_images(n: int, seed: int) -> list:
+    """n 224x224 RGB PIL images of random coloured shapes on a coloured background."""
     from PIL import Image, ImageDraw
     rng = np.random.default_rng(seed)
     out = []
@@ -77,6 +77,14 @@ def synthetic_images(n: int, seed: int) -> torch.Tensor:
             box = [int(x0), int(y0), int(min(IMAGE_SIZE - 1, x0 + w)), int(min(IMAGE_SIZE - 1, y0 + h))]
             fill = tuple(int(c) for c in rng.integers(0, 256, 3))
             [d.rectangle, d.ellipse][int(rng.integers(0, 2))](box, fill=fill)
+        out.append(img)
+    return out
+
+
+def synthetic_images(n: int, seed: int) -> torch.Tensor:
+    """n CLIP-normalised 224x224 RGB images of random coloured shapes on a coloured background."""
+    out = []
+    for img in synthetic_pil_images(n, seed):
         a = (np.asarray(img, np.float32) / 255.0 - CLIP_MEAN) / CLIP_STD
         out.append(torch.from_numpy(a.transpose(2, 0, 1).copy()))
     return torch.stack(out)

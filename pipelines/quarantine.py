@@ -158,6 +158,7 @@ class Quarantine:
         self.path = join(root, ERRORS_NAME)
         self.where = join(str(output).rstrip("/"), ERRORS_NAME)
         self.writer, self.fail_fast, self.max_retries, self.log = writer, fail_fast, max_retries, log
+        self._held: pa.Table | None = None  # good rows of the batch that stopped the pass (see stop)
         self.records: list[dict] = []
         self.returned: set[str] = set()  # ids a worker answered for (rows or errors)
         self._written, self._last_write = 0, 0.0
@@ -203,13 +204,13 @@ class Quarantine:
             self.add(r["sample_id"], r["error"], r["error_kind"])
         broken = [r for r in rows if r["error_kind"] == "worker-error"]
         if broken:
-            self._stop(good)
+            self._held = good
             ids = [r["sample_id"] for r in broken]
             raise WorkerError(f"a teacher worker failed on the batch of samples {ids} with an error that is not a bad "
                               f"sample; the pass stopped (committed samples are kept, re-run to resume):\n"
                               f"{broken[0]['error']}")
         if self.fail_fast:
-            self._stop(good)
+            self._held = good
             first = rows[0]
             raise SampleError(f"--fail-fast stopped the pass at sample {first['sample_id']}: {first['error']} "
                               f"({self.writer.manifest.num_rows} samples committed, errors in {self.where}); fix or "
@@ -217,10 +218,16 @@ class Quarantine:
         self.write(force=False)
         return good
 
-    def _stop(self, good: pa.Table) -> None:
-        """Commit the good rows received so far, record the errors, release the folder."""
-        if good.num_rows:
-            self.writer.add(good.select(RAW_SCHEMA.names).cast(RAW_SCHEMA))
+    def stop(self) -> None:
+        """The pass is stopping on an exception, after the driver drained its background
+        writer. When take() stopped it (--fail-fast, a worker error): commit the good rows
+        of the stopping batch, close the writer (complete=False) and write the errors file.
+        Any other exception propagates as it is (committed shards are kept either way)."""
+        if self._held is None:
+            return
+        if self._held.num_rows:
+            self.writer.add(self._held.select(RAW_SCHEMA.names).cast(RAW_SCHEMA))
+        self._held = None
         self.writer.close(complete=False)
         self.write()
 

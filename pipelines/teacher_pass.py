@@ -13,22 +13,23 @@ from __future__ import annotations
 
 import json
 import os
-import time
+import threading
 import zlib
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from pipelines.batching import batch_blocks, estimated_tokens, plan_batches
 from pipelines.preprocess import collate, encode_sample, image_token_count
 from pipelines.inputs import read_config_inputs
+from pipelines.progress import Progress
 from pipelines.quarantine import Quarantine, encode_each, guarded, with_errors, worker_options
 from pipelines.samples import PreferencePair, Sample, load_image
 from pipelines.vllm_worker import VllmTeacherWorker
 from storage.fs import join, open_fs
 from storage.manifest import MANIFEST_NAME, Manifest
 from storage.schema import MODES, RAW_SCHEMA, RECORD_KINDS, CacheError
-from storage.writer import CacheWriter
+from storage.writer import BackgroundWriter, CacheWriter, count_targets
 from teacher_cache.vllm_backend import check_backend, check_settings
 
 
@@ -51,7 +52,8 @@ class TeacherPassConfig:
     device: str = "auto"  # "auto" = CUDA when present, else CPU
     device_map: str = ""  # "auto": spread a teacher larger than one GPU over the worker's GPUs
     trust_remote_code: bool = False  # run a checkpoint's own Python code (off unless you turn it on)
-    batch_size: int = 16  # samples per teacher forward
+    batch_size: int = 16  # samples per teacher forward (the driver groups samples of similar length)
+    prefetch_batches: int = 1  # batches a worker preprocesses while its teacher runs the previous one (0 = none)
     num_workers: int = 1  # teacher actors in the pool
     num_gpus_per_worker: float = -1  # -1 = 1 when CUDA is present, else 0
     rows_per_shard: int = 512
@@ -81,6 +83,7 @@ class TeacherWorker:
         self.vocab_size = shared_vocab_size(self.processor, self.model.get_output_embeddings().weight.shape[0])
         self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
         self.records = parse_records(cfg.records)
+        self._forward = threading.Lock()  # calls run on prefetch_batches + 1 threads; one at a time runs the teacher
         self.gram = None
         if "relation" in self.records:  # W^T W once per teacher: every R is then H G H^T
             from teacher_cache.extract import head_gram
@@ -114,8 +117,10 @@ class TeacherWorker:
             if not pairs:
                 return with_errors(None, bad)
             tensors = self._tensors([c for c, _ in encoded] + [r for _, r in encoded])
-            return with_errors(extract_preference_rows(self.model, tensors, [p.id for p in pairs],
-                                                       self.image_token_id, self.vocab_size), bad)
+            with self._forward:
+                rows = extract_preference_rows(self.model, tensors, [p.id for p in pairs], self.image_token_id,
+                                               self.vocab_size)
+            return with_errors(rows, bad)
         samples, encoded, bad = encode_each([Sample.from_json(s) for s in batch["sample"]], self._encode)
         if not samples:
             return with_errors(None, bad)
@@ -124,9 +129,11 @@ class TeacherWorker:
         gen = None
         if self.cfg.mode == "sampled":  # draws depend on the seed and the batch's samples, not on timing
             gen = torch.Generator(self.device).manual_seed(zlib.crc32(f"{self.cfg.seed}|{'|'.join(ids)}".encode()))
-        return with_errors(extract_rows(self.model, tensors, ids, self.image_token_id, self.cfg.mode, self.cfg.k,
-                                        self.cfg.draws, self.cfg.temperature, gen, tuple(self.records), self.gram,
-                                        self.vocab_size), bad)
+        with self._forward:
+            rows = extract_rows(self.model, tensors, ids, self.image_token_id, self.cfg.mode, self.cfg.k,
+                                self.cfg.draws, self.cfg.temperature, gen, tuple(self.records), self.gram,
+                                self.vocab_size)
+        return with_errors(rows, bad)
 
 
 _POSITIONS = {
@@ -227,6 +234,9 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
     done = {sid for s in writer.manifest.shards for sid in s.sample_ids}
     pending = [s for s in samples if s.id not in done]
     log(f"[teacher-pass] {len(samples)} samples, {len(done)} already in the cache, {len(pending)} to run")
+    image_tokens = writer.manifest.processor.get("num_visual_tokens") or 0
+    work = {s.id: estimated_tokens(s, image_tokens) for s in pending}  # estimated tokens: the ETA's unit
+    progress = Progress(len(samples), len(done), sum(work.values()), log)
     if pending:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if not ray.is_initialized():
@@ -244,29 +254,37 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
         ctx.execution_options.preserve_order = True  # same input -> same shards
         ctx.enable_progress_bars = False
         ctx.max_errored_blocks = 0 if cfg.fail_fast else -1  # a batch Ray gave up on: reported by quarantine.finish
-        ds = ray.data.from_items([_item(s) for s in pending])
+        batches = plan_batches(pending, cfg.batch_size, image_tokens)  # similar lengths together, longest first
+        ds = ray.data.from_arrow(batch_blocks([[_item(s)["sample"] for s in b] for b in batches], cfg.batch_size,
+                                              cfg.num_workers))
+        # transformers workers preprocess the next batch on a second thread while the teacher runs (TeacherWorker's lock)
+        overlap = ({"max_concurrent_calls_per_actor": 1 + cfg.prefetch_batches, "enable_true_multi_threading": True}
+                   if cfg.backend != "vllm" and cfg.prefetch_batches > 0 else {})
         ds = ds.map_batches(worker, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=cfg.num_workers), num_gpus=gpus,
+                            compute=ray.data.ActorPoolStrategy(size=cfg.num_workers, **overlap), num_gpus=gpus,
                             batch_format="numpy", **worker_options(cfg))
-        t0, n, tokens = time.time(), 0, 0
-        for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            table = quarantine.take(table)  # bad samples -> errors.jsonl (or stop: --fail-fast, worker error)
-            if not table.num_rows:
-                continue
-            writer.add(table.select(RAW_SCHEMA.names).cast(RAW_SCHEMA))
-            n += table.num_rows
-            tokens += pc.sum(pc.list_value_length(table.column("response_positions"))).as_py() or 0
-            rate = n / (time.time() - t0)
-            log(f"[teacher-pass] {len(done) + n}/{len(samples)} samples  {rate:.1f} samples/s  "
-                f"{tokens / (time.time() - t0):.0f} targets/s  ETA {(len(pending) - n) / rate:.0f}s")
+        shards_before = len(writer.manifest.shards)
+        background = BackgroundWriter(writer)  # shard encoding + commits overlap the next batches
+        try:
+            for table in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+                table = quarantine.take(table)  # bad samples -> errors.jsonl (or stop: --fail-fast, worker error)
+                if table.num_rows:
+                    background.add(table.select(RAW_SCHEMA.names).cast(RAW_SCHEMA))
+                progress.update(table.num_rows, count_targets(table),
+                                sum(work[sid] for sid in table.column("sample_id").to_pylist()),
+                                sum(s.bytes for s in writer.manifest.shards[shards_before:]))
+        except BaseException:
+            background.join(raise_error=False)  # commit what arrived; the pipeline's error is the one to see
+            quarantine.stop()  # after --fail-fast or a worker error: the stopping batch's good rows, errors file
+            raise
+        background.join()
     quarantine.finish(pending)  # samples of batches whose worker died more than max_retries times
     writer.flush()
     committed = {sid for s in writer.manifest.shards for sid in s.sample_ids}
     manifest = writer.close(complete=all(s.id in committed for s in samples) and not quarantine.records)
     size = sum(s.bytes for s in manifest.shards)
     targets = sum(s.targets for s in manifest.shards)
-    log(f"[teacher-pass] done: {manifest.num_rows} rows in {len(manifest.shards)} shards, {size / 1e6:.2f} MB, "
-        f"{size / max(1, targets):.1f} bytes per target token -> {cfg.output}")
+    log(progress.summary(manifest.num_rows, len(manifest.shards), size, targets, cfg.output))
     if quarantine.records:
         log(quarantine.summary())
     return manifest

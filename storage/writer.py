@@ -145,3 +145,56 @@ class CacheWriter:
         if self._lock is not None:
             self._lock.close()
         return self.manifest
+
+
+class BackgroundWriter:
+    """Runs a CacheWriter's ``add`` (shard encoding, Parquet, commit) on one background
+    thread, so the caller, the teacher pass's driver, keeps pulling batches meanwhile.
+
+    The commits are the ones ``writer.add`` would make, in the same order (one thread, a
+    FIFO queue), so shards, manifest and resume are unchanged and the manifest keeps one
+    writer. At most ``max_pending`` tables wait (then ``add`` blocks). An error in the
+    thread is raised in the caller by its next ``add`` or by ``join``; after an error the
+    thread drops what is queued (those rows were never committed: a resume reruns them).
+    """
+
+    def __init__(self, writer: CacheWriter, max_pending: int = 8):
+        import queue
+        import threading
+
+        self.writer = writer
+        self._queue: queue.Queue = queue.Queue(max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="mmkd-cache-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            table = self._queue.get()
+            if table is None:
+                return
+            if self._error is None:
+                try:
+                    self.writer.add(table)
+                except BaseException as e:  # surfaced in the caller's thread
+                    self._error = e
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise CacheError(f"{self.writer.path}: writing a shard failed: {self._error}") from self._error
+
+    def add(self, table: pa.Table) -> None:
+        self._raise()
+        if not self._thread.is_alive():
+            raise CacheError(f"{self.writer.path}: the background writer was already joined")
+        self._queue.put(table)
+
+    def join(self, raise_error: bool = True) -> CacheWriter:
+        """Wait until every queued table is added, stop the thread, raise its error if it
+        had one (and raise_error); returns the writer (flush and close it as usual)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+        if raise_error:
+            self._raise()
+        return self.writer
