@@ -313,7 +313,7 @@ def main() -> None:
         row("parts: body + head/top-k (the extraction's compute)",
             parts["body (model.model)"] + parts["head + log-softmax + top-k at target rows, to host"])
         row("parts: everything, serial sum", sum(parts.values()))
-    row(f"ray.init (separate)", t_ray)
+    row("ray.init (separate)", t_ray)
     row("model load in this process (the actor does the same)", t_load)
     row("**full pass, with start-up** (ray.init + run_teacher_pass)", t_ray + t_pass)
     row("full pass, run_teacher_pass only", t_pass)
