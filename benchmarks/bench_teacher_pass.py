@@ -135,14 +135,13 @@ def prepare(workdir: Path, n: int, max_answer: int, seed: int) -> tuple[Path, Pa
 
 def planned_order(cfg, samples, processor) -> tuple[list, str]:
     """The samples in the order the pass batches them: its own planner when it has one."""
-    try:
-        from pipelines.batching import estimated_tokens, plan_batches
-    except ImportError:  # before the planner existed, the pass ran the input order
-        return list(samples), "input order"
+    import pipelines.teacher_pass as tp
     from pipelines.preprocess import image_token_count
 
-    lengths = estimated_tokens(samples, processor.tokenizer, image_token_count(processor))
-    return [s for b in plan_batches(samples, lengths, cfg.batch_size) for s in b], "the pass's length-bucketed order"
+    if not hasattr(tp, "plan_batches"):  # before the planner existed, the pass ran the input order
+        return list(samples), "input order"
+    plan = tp.plan_batches(samples, cfg.batch_size, image_token_count(processor), processor.tokenizer)
+    return [s for b in plan for s in b], "the pass's length-bucketed order"
 
 
 @torch.no_grad()

@@ -62,11 +62,16 @@ def estimated_tokens(items: list, tokenizer=None, image_tokens: int = 0, chunk: 
     return out
 
 
-def plan_batches(items: list, lengths: list[int], batch_size: int) -> list[list]:
-    """items in batches of batch_size (the last may be shorter), longest first by lengths
-    (estimated_tokens); equal lengths keep their input order, so the plan is deterministic."""
+def plan_batches(items: list, batch_size: int, image_tokens: int = 0, tokenizer=None,
+                 lengths: list[int] | None = None) -> list[list]:
+    """items in batches of batch_size (the last may be shorter), longest first by
+    estimated_tokens(items, tokenizer, image_tokens), or by `lengths` when given (the same
+    estimates, computed once by the caller); equal lengths keep their input order, so the
+    plan is deterministic. The teacher pass plans with the teacher's tokenizer."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: use 1 or more")
+    if lengths is None:
+        lengths = estimated_tokens(items, tokenizer, image_tokens)
     order = sorted(range(len(items)), key=lambda i: (-lengths[i], i))
     ordered = [items[i] for i in order]
     return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]

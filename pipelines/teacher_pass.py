@@ -234,7 +234,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # same input -> same shards
         ctx.enable_progress_bars = False
-        batches = plan_batches(pending, lengths, cfg.batch_size)  # similar lengths together, longest first
+        batches = plan_batches(pending, cfg.batch_size, lengths=lengths)  # similar lengths together, longest first
         ds = ray.data.from_arrow(batch_blocks([[_item(s)["sample"] for s in b] for b in batches], cfg.batch_size,
                                               cfg.num_workers))
         # transformers workers preprocess the next batch on a second thread while the teacher runs (TeacherWorker's

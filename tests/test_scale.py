@@ -28,10 +28,10 @@ def test_batches_group_similar_lengths_longest_first_and_are_deterministic(proce
     est = estimated_tokens(items, image_tokens=16)  # characters / 4 without a tokenizer
     # per message: ceil(chars / 4) + 4 for the template; + 16 with an image
     assert est == [37, 127, 38, 126, 57, 127, 29, 77, 58, 111]
-    batches = plan_batches(items, est, 2)
+    batches = plan_batches(items, 2, image_tokens=16)
     assert [[s.id for s in b] for b in batches] == [["s1", "s5"], ["s3", "s9"], ["s7", "s8"], ["s4", "s2"],
                                                     ["s0", "s6"]]  # s1 and s5 tie: input order
-    assert plan_batches(items, est, 2) == batches
+    assert plan_batches(items, 2, lengths=est) == batches
     # with the teacher's tokenizer, tokens count, not characters (the demo tokenizer: one token a word)
     words = [_sample(0, 0, image=None), _sample(1, 0, image=None)]
     words[0].messages[1]["content"] = "a b c d e f g h"
