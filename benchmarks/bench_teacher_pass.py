@@ -10,17 +10,18 @@ loads it like any checkpoint. Samples: LLaVA JSON, one PNG per sample (coloured 
 real question and a Python standard-library docstring as the answer (cut at --max-answer
 tokens; every 4th sample has a second turn): real text, real length spread.
 
-Measured in ONE process, in this order (the bare forward before and after the pass, so
-drift from other load on the machine shows as a difference between the two):
+Measured in ONE process, in this order (a bare forward before the first pass and after
+each pass; each pass is compared with the two bare runs around it, and drift from other
+load on the machine shows as a difference between bare runs):
 
 1. bare forward: `model(input_ids, attention_mask, pixel_values)` (full logits on every
    row, what a plain forward costs), torch.no_grad, same dtype and threads, over the SAME
    batches the pass runs (same samples, same order, same batch size; inputs encoded before
    timing);
-2. the full `run_teacher_pass` (k=--k, records response, 1 actor). "with start-up" adds
-   ray.init, the manifest (weights digest) and the actor's model load; "steady" is from
-   the first batch's arrival at the driver to the end, against the bare forward without
-   its first batch;
+2. the full `run_teacher_pass` (k=--k, records response, 1 actor; once per --prefetch
+   value). "with start-up" adds ray.init, the manifest (weights digest), the actor's process
+   start and model load; "steady" is the pass less its start-up, where start-up = the time
+   until the first batch reaches the driver less that batch's bare forward;
 3. the parts, one after another on this process (nothing overlapped): preprocessing
    (image decode + encode_sample + collate), the LLM body (model.model), the head + log-
    softmax + top-k at target rows only, the rest of extract_rows (rows -> Arrow), the
@@ -32,7 +33,7 @@ preprocessing, the driver's encoding and Ray's own processes all share the same 
 every overhead shows up in full in the ratio. On a GPU host the CPU work overlaps the
 device's forward instead.
 
-    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/bench_teacher_pass.py [--samples 192 --batch-size 8]
+    OMP_NUM_THREADS=2 PYTHONPATH=. python benchmarks/bench_teacher_pass.py [--samples 192 --batch-size 8 --prefetch 1 0]
 """
 
 from __future__ import annotations
@@ -132,24 +133,110 @@ def prepare(workdir: Path, n: int, max_answer: int, seed: int) -> tuple[Path, Pa
     return teacher, data
 
 
-def planned_order(cfg, samples) -> tuple[list, str]:
+def planned_order(cfg, samples, processor) -> tuple[list, str]:
     """The samples in the order the pass batches them: its own planner when it has one."""
-    try:
-        from pipelines.batching import plan_batches
-    except ImportError:
+    import pipelines.teacher_pass as tp
+    from pipelines.preprocess import image_token_count
+
+    if not hasattr(tp, "plan_batches"):  # before the planner existed, the pass ran the input order
         return list(samples), "input order"
-    batches = plan_batches(samples, cfg.batch_size)
-    return [s for b in batches for s in b], "the pass's length-bucketed order"
+    plan = tp.plan_batches(samples, cfg.batch_size, image_token_count(processor), processor.tokenizer)
+    return [s for b in plan for s in b], "the pass's length-bucketed order"
 
 
 @torch.no_grad()
-def timed_batches(fn, batches) -> list[float]:
-    out = []
+def timed_batches(fn, batches, cpu: list | None = None) -> list[float]:
+    """Wall seconds per batch; appends this process's CPU seconds for all of them to cpu."""
+    out, c0 = [], time.process_time()
     for b in batches:
         t0 = time.perf_counter()
         fn(b)
         out.append(time.perf_counter() - t0)
+    if cpu is not None:
+        cpu.append(time.process_time() - c0)
     return out
+
+
+class TreeCpu:
+    """CPU seconds (user + system) of this process and all its descendants (the local Ray
+    cluster: GCS, raylet, workers, actors) while running: sampled every 0.5 s, so a process
+    that exits loses at most its last half second."""
+
+    def __init__(self):
+        import psutil
+        import threading
+
+        self.psutil, self.seen, self.start = psutil, {}, {}
+        self._stop = threading.Event()
+        self.start = self._sample()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> dict:
+        me = self.psutil.Process()
+        out = {}
+        for p in [me] + me.children(recursive=True):
+            try:
+                t = p.cpu_times()
+                out[(p.pid, p.create_time())] = t.user + t.system
+            except self.psutil.Error:
+                pass
+        self.seen.update(out)
+        return out
+
+    def _run(self):
+        while not self._stop.wait(0.5):
+            self._sample()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        self._sample()
+        return sum(v - self.start.get(k, 0.0) for k, v in self.seen.items())
+
+
+def instrumented_worker(base, events_dir: str):
+    """A subclass of the pass's worker that notes, in events_dir/<pid>.json, when its
+    constructor ran and how long each batch spent in preprocessing (_tensors), the LLM body
+    (final_hidden_states), rows -> Arrow (raw_table) and the whole extraction (extract_rows).
+    Defined here, so Ray ships it by value; the numbers it reads are the real calls'."""
+
+    class Instrumented(base):
+        def __init__(self, cfg):
+            import json as _json
+            import os as _os
+
+            t0 = time.time()
+            super().__init__(cfg)
+            self._path = _os.path.join(events_dir, f"{_os.getpid()}.json")
+            self._events, self._ctor, self._json = [], (t0, time.time()), _json
+            import teacher_cache.extract as ex
+
+            def timed(kind, fn):
+                def call(*a, **kw):
+                    t = time.time()
+                    try:
+                        return fn(*a, **kw)
+                    finally:
+                        self._events.append((kind, t, time.time()))
+                return call
+
+            for name, kind in (("extract_rows", "extract"), ("final_hidden_states", "body"), ("raw_table", "arrow")):
+                setattr(ex, name, timed(kind, getattr(ex, name)))
+            self._tensors = timed("pre", self._tensors)
+            self._dump()
+
+        def _dump(self):
+            with open(self._path, "w") as f:
+                self._json.dump({"ctor": self._ctor, "events": list(self._events)}, f)
+
+        def __call__(self, batch):
+            try:
+                return super().__call__(batch)
+            finally:
+                self._dump()
+
+    return Instrumented
 
 
 def main() -> None:
@@ -163,6 +250,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default="benchmarks/.data/teacher-pass")
     ap.add_argument("--no-parts", action="store_true", help="skip the serial breakdown (step 3)")
+    ap.add_argument("--prefetch", type=int, nargs="+", default=[1],
+                    help="one full pass per value of --prefetch-batches (a pass config field since the prefetch thread)")
     args = ap.parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
     if not threads:
@@ -201,7 +290,7 @@ def main() -> None:
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     pad = processor.tokenizer.pad_token_id
     samples = read_inputs(cfg)
-    ordered, order_name = planned_order(cfg, samples)
+    ordered, order_name = planned_order(cfg, samples, processor)
     B = args.batch_size
 
     def encode(group):
@@ -223,32 +312,69 @@ def main() -> None:
           f"targets; batch {B} in {order_name}: {padded} padded tokens ({padded / real - 1:+.1%}); "
           f"k={args.k}; OMP_NUM_THREADS={threads}; torch {torch.__version__}; ray {ray.__version__}")
 
-    bare1 = timed_batches(bare, batches)
-    print(f"bare forward #1: {sum(bare1):.1f}s")
+    bare_cpu: list[float] = []  # this process's CPU seconds per bare run
+    bares = [timed_batches(bare, batches, bare_cpu)]  # one before the passes, one after each
+    print(f"bare forward #1: {sum(bares[0]):.1f}s")
 
     t0 = time.perf_counter()
     ray.init(num_cpus=max(2, args.num_workers + 1), object_store_memory=1 << 30, include_dashboard=False,
              log_to_driver=False)
     t_ray = time.perf_counter() - t0
-    lines = []
+    import pipelines.teacher_pass as tp
+    import storage.writer as sw
 
-    def log(line):
-        lines.append((time.perf_counter(), line))
-        print("   ", line)
+    base_worker, add = tp.TeacherWorker, sw.CacheWriter.add
+    writer_time = [0.0]
 
-    t0 = time.perf_counter()
-    run_teacher_pass(cfg, log=log)
-    t_pass = time.perf_counter() - t0
-    t_first = next(t for t, line in lines if "samples/s" in line) - t0
+    def timed_add(self, table):  # the driver's shard encoding + commits (on its writer thread when there is one)
+        t = time.perf_counter()
+        add(self, table)
+        writer_time[0] += time.perf_counter() - t
+
+    sw.CacheWriter.add = timed_add
+    runs = {}
+    for prefetch in args.prefetch:
+        name = "full pass"
+        if hasattr(cfg, "prefetch_batches"):
+            cfg.prefetch_batches, name = prefetch, f"full pass, prefetch {prefetch}"
+        shutil.rmtree(cfg.output, ignore_errors=True)
+        events_dir = workdir / "actor-events"
+        shutil.rmtree(events_dir, ignore_errors=True)
+        events_dir.mkdir()
+        tp.TeacherWorker = instrumented_worker(base_worker, str(events_dir))
+        lines, writer_time[0] = [], 0.0
+
+        def log(line):
+            lines.append((time.time(), line))
+            print("   ", line)
+
+        meter = TreeCpu()
+        t0 = time.time()
+        run_teacher_pass(cfg, log=log)
+        t_pass = time.time() - t0
+        cpu_pass = meter.stop()
+        tp.TeacherWorker = base_worker
+        marks = [t - t0 for t, line in lines if re.search(r"\d+/\d+ samples", line)]
+        actors = [json.loads(f.read_text()) for f in events_dir.glob("*.json")]
+        ready = min(a["ctor"][1] for a in actors) - t0
+        spawn = min(a["ctor"][0] for a in actors) - t0
+        busy = {k: sum(e - b for a in actors for kind, b, e in a["events"] if kind == k)
+                for k in ("pre", "body", "arrow", "extract")}
+        m = Manifest.load(cfg.output)
+        same = [sid for s in m.shards for sid in s.sample_ids] == [s.id for s in ordered]
+        print(f"{name}: {t_pass:.1f}s (actor ready after {ready:.1f}s, last batch at the driver after "
+              f"{marks[-1]:.1f}s); the cache's row order {'equals' if same else 'DIFFERS FROM'} the bare forward's")
+        bares.append(timed_batches(bare, batches, bare_cpu))
+        print(f"bare forward #{len(bares)}: {sum(bares[-1]):.1f}s")
+        runs[name] = dict(t_pass=t_pass, spawn=spawn, ready=ready, last=marks[-1], busy=busy, writer=writer_time[0],
+                          cpu=cpu_pass, cpu_bare=(bare_cpu[-2] + bare_cpu[-1]) / 2,
+                          ref=(sum(bares[-2]) + sum(bares[-1])) / 2, around=(sum(bares[-2]), sum(bares[-1])),
+                          summary=[line for _, line in lines if "done" in line][-1])
+        if not hasattr(cfg, "prefetch_batches"):
+            break
+    sw.CacheWriter.add = add
     ray.shutdown()
-    m = Manifest.load(cfg.output)
-    cache_order = [sid for s in m.shards for sid in s.sample_ids]
-    same = cache_order == [s.id for s in ordered]
-    print(f"full pass: {t_pass:.1f}s (first batch at the driver after {t_first:.1f}s); the cache's row order "
-          f"{'equals' if same else 'DIFFERS FROM'} the bare forward's")
 
-    bare2 = timed_batches(bare, batches)
-    print(f"bare forward #2: {sum(bare2):.1f}s")
 
     parts = {}
     if not args.no_parts:
@@ -292,19 +418,17 @@ def main() -> None:
         order_bare = sum(timed_batches(bare, raw))
         raw_padded = sum(b["input_ids"].numel() for b in raw)
 
-    bare_all = (sum(bare1) + sum(bare2)) / 2
-    # start-up = until the first batch reaches the driver, less that batch's own forward
-    startup = t_first - (bare1[0] + bare2[0]) / 2
-    steady = t_pass - startup
+    bare_all = float(np.mean([sum(b) for b in bares]))
     n = len(samples)
     print(f"\nFull teacher pass vs bare forward, {n} samples, batch {B}, k={args.k}, "
           f"{args.num_workers} actor(s), OMP_NUM_THREADS={threads}\n")
     print("| what | seconds | ms / sample | x bare forward |")
     print("|---|---|---|---|")
     row = lambda name, s: print(f"| {name} | {s:.1f} | {1000 * s / n:.0f} | {s / bare_all:.3f} |")  # noqa: E731
-    row("bare forward `model(**batch)`, run 1", sum(bare1))
-    row("bare forward `model(**batch)`, run 2", sum(bare2))
-    row("**bare forward, mean**", bare_all)
+    for i, b in enumerate(bares):
+        row(f"bare forward `model(**batch)`, run {i + 1} ({'before the passes' if i == 0 else f'after pass {i}'})",
+            sum(b))
+    row("**bare forward, mean of the runs**", bare_all)
     if order_bare is not None:
         row(f"bare forward in input order (no length bucketing; {raw_padded / real - 1:+.0%} padding)", order_bare)
     for name, s in parts.items():
@@ -315,16 +439,32 @@ def main() -> None:
         row("parts: everything, serial sum", sum(parts.values()))
     row("ray.init (separate)", t_ray)
     row("model load in this process (the actor does the same)", t_load)
-    row("**full pass, with start-up** (ray.init + run_teacher_pass)", t_ray + t_pass)
-    row("full pass, run_teacher_pass only", t_pass)
-    row("full pass, until the first batch reaches the driver", t_first)
-    row("full pass: start-up (first batch's arrival less its bare forward)", startup)
-    row("**full pass, steady** (run_teacher_pass less start-up)", steady)
-    print(f"\nratio full / bare forward: steady {steady / bare_all:.3f}, with start-up {(t_ray + t_pass) / bare_all:.3f}; "
-          f"bare run 2 / run 1 = {sum(bare2) / sum(bare1):.3f} (drift from other load on the machine)")
-    summary = [line for _, line in lines if "done" in line]
-    if summary:
-        print("pass summary: " + re.sub(r"^\[teacher-pass\] ", "", summary[-1]))
+    ratios = []
+    for name, r in runs.items():
+        steady = r["last"] - r["ready"]  # the actor ready -> the last batch at the driver: every forward is in it
+        b = r["busy"]
+        row(f"**{name}, with start-up** (ray.init + run_teacher_pass)", t_ray + r["t_pass"])
+        row(f"{name}: start-up, driver (inputs, manifest, batch plan) + actor process spawn", r["spawn"])
+        row(f"{name}: start-up, actor constructor (torch/transformers imports, model load)", r["ready"] - r["spawn"])
+        row(f"**{name}, steady** (actor ready -> last batch at the driver)", steady)
+        row(f"{name}, steady: teacher busy, LLM body (model.model)", b["body"])
+        row(f"{name}, steady: teacher busy, head + log-softmax + top-k, to host", b["extract"] - b["body"] - b["arrow"])
+        row(f"{name}, steady: teacher busy, rows -> Arrow", b["arrow"])
+        row(f"{name}, steady: teacher idle (waiting for preprocessing, Ray, the driver)", steady - b["extract"])
+        row(f"{name}, steady: actor preprocessing (its own thread with prefetch, else before each forward)", b["pre"])
+        row(f"{name}, steady: driver shard encoding + commits (writer thread, else the driver loop)", r["writer"])
+        row(f"{name}: after the last batch (last shard, manifest, actor pool shutdown)", r["t_pass"] - r["last"])
+        ratios.append(f"{name}: steady {steady / r['ref']:.3f}, with start-up {(t_ray + r['t_pass']) / r['ref']:.3f} "
+                      f"(bare runs around it {r['around'][0]:.1f}s, {r['around'][1]:.1f}s); the teacher's busy time "
+                      f"in the pass / the bare forward {b['extract'] / r['ref']:.3f}; CPU seconds, all processes of "
+                      f"the pass (driver + Ray + actor, start-up included) / the bare forward's: {r['cpu']:.0f} / "
+                      f"{r['cpu_bare']:.0f} = {r['cpu'] / r['cpu_bare']:.3f}")
+    print("\nratio full / bare forward (the bare runs just before and after each pass):\n- " + "\n- ".join(ratios))
+    if parts:
+        d = parts["driver: shard encoding + Parquet + commit"]
+        print(f"driver shard encoding: {targets / d:,.0f} target tokens/s on one thread")
+    for name, r in runs.items():
+        print(f"{name} summary: " + re.sub(r"^\[teacher-pass\] ", "", r["summary"]))
     print(f"total runtime {time.time() - t_all:.0f}s")
 
 

@@ -1,9 +1,11 @@
 """Progress lines of the teacher pass: samples/s, target tokens/s, ETA and bytes written,
 and the final summary with bytes per target token.
 
-The ETA extrapolates the rate of estimated tokens (pipelines.batching.estimated_tokens),
-not of samples: batches run longest first, so samples/s rises during a pass and a
-per-sample ETA would start far too high.
+Rates and ETA in the periodic lines count from the first batch's arrival, so Ray's and the
+actors' start-up (model loading) does not skew them; the summary's rates include it. The
+ETA extrapolates the rate of estimated tokens (pipelines.batching.estimated_tokens), not of
+samples: batches run longest first, so samples/s rises during a pass and a per-sample ETA
+would start far too high.
 """
 
 from __future__ import annotations
@@ -57,8 +59,9 @@ class Progress:
     samples: int = 0
     targets: int = 0
     work_done: float = 0.0
-    start: float = field(default=None)
-    _last: float = field(default=None)
+    start: float | None = None
+    _first: tuple | None = field(default=None, repr=False)  # (time, samples, targets, work) at the first batch
+    _last: float | None = field(default=None, repr=False)
 
     def __post_init__(self):
         self.start = self.clock() if self.start is None else self.start
@@ -70,26 +73,33 @@ class Progress:
         self.targets += targets
         self.work_done += work
         now = self.clock()
-        first, last = self._last is None, self.done_before + self.samples >= self.total
-        if first or last or now - self._last >= self.every_s:
+        if self._first is None:
+            self._first = (now, self.samples, self.targets, self.work_done)
             self._last = now
-            self.log(self.line(now, bytes_written, first))
+            self.log(self.line(now, bytes_written))
+        elif self.done_before + self.samples >= self.total or now - self._last >= self.every_s:
+            self._last = now
+            self.log(self.line(now, bytes_written))
 
-    def line(self, now: float, bytes_written: int, first: bool = False) -> str:
-        elapsed = now - self.start
+    def line(self, now: float, bytes_written: int) -> str:
         n = self.done_before + self.samples
-        eta = eta_seconds(self.work_done, self.work, elapsed)
+        t1, s1, g1, w1 = self._first
+        if now > t1:  # rates since the first batch arrived
+            dt = now - t1
+            rates = f"{(self.samples - s1) / dt:.2f} samples/s  {(self.targets - g1) / dt:,.0f} targets/s  "
+            eta = format_duration(eta_seconds(self.work_done - w1, self.work - w1, dt))
+        else:
+            rates, eta = f"first batch after {format_duration(now - self.start)};  ", "?"
         per_target = f" ({bytes_written / self.targets:.1f} B/target)" if bytes_written and self.targets else ""
-        head = f"first batch after {format_duration(elapsed)}; " if first else ""
-        return (f"[teacher-pass] {head}{n}/{self.total} samples ({100 * n / max(1, self.total):.1f}%)  "
-                f"{self.samples / elapsed:.2f} samples/s  {self.targets / elapsed:,.0f} targets/s  "
-                f"ETA {format_duration(eta)}  written {format_bytes(bytes_written)}{per_target}")
+        return (f"[teacher-pass] {n}/{self.total} samples ({100 * n / max(1, self.total):.1f}%)  {rates}"
+                f"ETA {eta}  written {format_bytes(bytes_written)}{per_target}")
 
     def summary(self, rows: int, shards: int, size: int, targets: int, output: str) -> str:
-        """The closing line: the whole cache's size per target token, and this run's rates."""
+        """The closing line: the whole cache's size per target token, and this run's rates
+        (start-up included)."""
         elapsed = self.clock() - self.start
         run = (f"; this run: {self.samples} samples, {self.targets:,} targets in {format_duration(elapsed)} "
-               f"({self.samples / elapsed:.2f} samples/s, {self.targets / elapsed:,.0f} targets/s)"
+               f"({self.samples / elapsed:.2f} samples/s, {self.targets / elapsed:,.0f} targets/s, start-up included)"
                if self.samples and elapsed > 0 else "")
         return (f"[teacher-pass] done: {rows} rows in {shards} shards, {format_bytes(size)}, {targets:,} target "
                 f"tokens, {size / max(1, targets):.1f} bytes per target token{run} -> {output}")

@@ -1,8 +1,9 @@
 """The teacher pass: a Ray Data pipeline that runs the teacher once over every sample and
 writes its targets to a cache.
 
-    samples (LLaVA JSON) -> ray.data.from_items -> map_batches(TeacherWorker, actor pool)
-        -> iter_batches on the driver -> storage.CacheWriter (committed shards + manifest)
+    samples (LLaVA JSON) -> batches planned by length (pipelines/batching.py) -> ray.data.from_arrow
+        -> map_batches(TeacherWorker, actor pool) -> iter_batches on the driver
+        -> storage.BackgroundWriter -> CacheWriter (committed shards + manifest)
 
 Workers preprocess (chat template, images, labels), run the teacher and return compact
 Arrow rows; the driver alone writes, so the manifest has one writer. Re-running the same
@@ -19,7 +20,7 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 
-from pipelines.batching import batch_blocks, estimated_tokens, plan_batches
+from pipelines.batching import batch_blocks, estimated_tokens, plan_batches, teacher_tokenizer
 from pipelines.preprocess import collate, encode_sample, image_token_count
 from pipelines.inputs import read_config_inputs
 from pipelines.progress import Progress
@@ -53,7 +54,7 @@ class TeacherPassConfig:
     device_map: str = ""  # "auto": spread a teacher larger than one GPU over the worker's GPUs
     trust_remote_code: bool = False  # run a checkpoint's own Python code (off unless you turn it on)
     batch_size: int = 16  # samples per teacher forward (the driver groups samples of similar length)
-    prefetch_batches: int = 1  # batches a worker preprocesses while its teacher runs the previous one (0 = none)
+    prefetch_batches: int = -1  # batches a worker preprocesses while its teacher runs one; -1 = 1 on GPUs, 0 on CPUs
     num_workers: int = 1  # teacher actors in the pool
     num_gpus_per_worker: float = -1  # -1 = 1 when CUDA is present, else 0
     rows_per_shard: int = 512
@@ -234,9 +235,10 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
     done = {sid for s in writer.manifest.shards for sid in s.sample_ids}
     pending = [s for s in samples if s.id not in done]
     log(f"[teacher-pass] {len(samples)} samples, {len(done)} already in the cache, {len(pending)} to run")
-    image_tokens = writer.manifest.processor.get("num_visual_tokens") or 0
-    work = {s.id: estimated_tokens(s, image_tokens) for s in pending}  # estimated tokens: the ETA's unit
-    progress = Progress(len(samples), len(done), sum(work.values()), log)
+    tokenizer = teacher_tokenizer(cfg.teacher, cfg.trust_remote_code) if pending else None
+    lengths = estimated_tokens(pending, tokenizer, writer.manifest.processor.get("num_visual_tokens") or 0)
+    work = {s.id: n for s, n in zip(pending, lengths)}  # estimated tokens: batch order and the ETA's unit
+    progress = Progress(len(samples), len(done), sum(lengths), log)
     if pending:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         if not ray.is_initialized():
@@ -254,12 +256,14 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
         ctx.execution_options.preserve_order = True  # same input -> same shards
         ctx.enable_progress_bars = False
         ctx.max_errored_blocks = 0 if cfg.fail_fast else -1  # a batch Ray gave up on: reported by quarantine.finish
-        batches = plan_batches(pending, cfg.batch_size, image_tokens)  # similar lengths together, longest first
+        batches = plan_batches(pending, cfg.batch_size, lengths=lengths)  # similar lengths together, longest first
         ds = ray.data.from_arrow(batch_blocks([[_item(s)["sample"] for s in b] for b in batches], cfg.batch_size,
                                               cfg.num_workers))
-        # transformers workers preprocess the next batch on a second thread while the teacher runs (TeacherWorker's lock)
-        overlap = ({"max_concurrent_calls_per_actor": 1 + cfg.prefetch_batches, "enable_true_multi_threading": True}
-                   if cfg.backend != "vllm" and cfg.prefetch_batches > 0 else {})
+        # transformers workers preprocess the next batch on a second thread while the teacher runs (TeacherWorker's
+        # lock); not by default on CPU teachers, whose forward needs the same cores (docs/benchmarks.md)
+        prefetch = cfg.prefetch_batches if cfg.prefetch_batches >= 0 else int(gpus > 0)
+        overlap = ({"max_concurrent_calls_per_actor": 1 + prefetch, "enable_true_multi_threading": True}
+                   if cfg.backend != "vllm" and prefetch > 0 else {})
         ds = ds.map_batches(worker, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.num_workers, **overlap), num_gpus=gpus,
                             batch_format="numpy", **worker_options(cfg))

@@ -21,21 +21,30 @@ def _sample(i, chars, image="a.png"):
                                    {"role": "assistant", "content": "x" * chars}])
 
 
-def test_batches_group_similar_lengths_longest_first_and_are_deterministic():
-    lengths = [40, 400, 41, 399, 120, 400, 8, 200, 121]
+def test_batches_group_similar_lengths_longest_first_and_are_deterministic(processor):
+    lengths = [40, 400, 44, 396, 120, 400, 8, 200, 124]
     items = [_sample(i, c) for i, c in enumerate(lengths)]
     items.append(_sample(9, 400, image=None))  # no image: its 16 visual tokens do not count
+    est = estimated_tokens(items, image_tokens=16)  # characters / 4 without a tokenizer
+    # per message: ceil(chars / 4) + 4 for the template; + 16 with an image
+    assert est == [37, 127, 38, 126, 57, 127, 29, 77, 58, 111]
     batches = plan_batches(items, 2, image_tokens=16)
-    # estimated tokens: s1 = s5 119, s3 118, s9 103 (no image), s7 69, s4 = s8 49, s0 = s2 29, s6 21
-    assert [[s.id for s in b] for b in batches] == [["s1", "s5"], ["s3", "s9"], ["s7", "s4"], ["s8", "s0"],
-                                                    ["s2", "s6"]]  # equal estimates keep their input order
-    assert estimated_tokens(items[1], 16) > estimated_tokens(items[9], 16)
+    assert [[s.id for s in b] for b in batches] == [["s1", "s5"], ["s3", "s9"], ["s7", "s8"], ["s4", "s2"],
+                                                    ["s0", "s6"]]  # s1 and s5 tie: input order
+    assert plan_batches(items, 2, lengths=est) == batches
+    # with the teacher's tokenizer, tokens count, not characters (the demo tokenizer: one token a word)
+    words = [_sample(0, 0, image=None), _sample(1, 0, image=None)]
+    words[0].messages[1]["content"] = "a b c d e f g h"
+    words[1].messages[1]["content"] = "extraordinarily"
+    assert estimated_tokens(words)[0] == estimated_tokens(words)[1]
+    by_tokens = estimated_tokens(words, processor.tokenizer)
+    assert by_tokens[0] == by_tokens[1] + 7
     # Ray blocks of whole batches: one batch a block, or several when there are many
     strs = [[s.id for s in b] for b in batches]
     assert [t.num_rows for t in batch_blocks(strs, 2, num_workers=1)] == [2, 2, 2, 2, 2]
     blocks = batch_blocks(strs, 2, num_workers=1, blocks_per_worker=2)
     assert [t.column("sample").to_pylist() for t in blocks] == [["s1", "s5", "s3", "s9"],
-                                                               ["s7", "s4", "s8", "s0"], ["s2", "s6"]]
+                                                               ["s7", "s8", "s4", "s2"], ["s0", "s6"]]
     with pytest.raises(ValueError, match="last batch"):
         batch_blocks([["a"], ["b", "c"]], 2, num_workers=1)
 
@@ -47,22 +56,23 @@ def test_progress_rates_eta_and_summary():
     lines = []
     p = Progress(total=100, done_before=20, work=1000.0, log=lines.append, every_s=30, clock=lambda: now[0])
     now[0] = 10.0
-    p.update(10, 500, 250.0, 50_000)  # the first batch is always logged
+    p.update(10, 500, 250.0, 50_000)  # the first batch is always logged; start-up is not a rate
     now[0] = 20.0
     p.update(10, 500, 250.0, 50_000)  # 10 s later: quiet
-    now[0] = 45.0
+    now[0] = 40.0
     p.update(10, 500, 250.0, 150_000)
     now[0] = 50.0
     p.update(50, 2500, 250.0, 400_000)  # the last batch is always logged
     assert len(lines) == 3
-    assert lines[0].startswith("[teacher-pass] first batch after 10s; 30/100 samples (30.0%)")
-    # 750 of 1000 estimated tokens in 45 s: 15 s left, whatever the samples/s
-    assert "0.67 samples/s" in lines[1] and "33 targets/s" in lines[1] and "ETA 15s" in lines[1]
-    assert "written 150.0 KB (100.0 B/target)" in lines[1]
+    assert lines[0] == ("[teacher-pass] 30/100 samples (30.0%)  first batch after 10s;  ETA ?  "
+                        "written 50.0 KB (100.0 B/target)")
+    # since the first batch: 20 samples, 1000 targets, 500 of the other 750 estimated tokens in 30 s
+    assert "50/100 samples (50.0%)  0.67 samples/s  33 targets/s  ETA 15s  written 150.0 KB (100.0 B/target)" \
+        in lines[1]
     assert "100/100 samples (100.0%)" in lines[2] and "ETA 0s" in lines[2]
     s = p.summary(rows=100, shards=4, size=400_000, targets=4000, output="out")
     assert "100 rows in 4 shards, 400.0 KB, 4,000 target tokens, 100.0 bytes per target token" in s
-    assert "this run: 80 samples, 4,000 targets in 50s (1.60 samples/s, 80 targets/s) -> out" in s
+    assert "this run: 80 samples, 4,000 targets in 50s (1.60 samples/s, 80 targets/s, start-up included) -> out" in s
 
 
 def test_background_writer_commits_what_the_writer_would(tmp_path):
@@ -100,9 +110,10 @@ def ray_three_cpus():
 
 
 def test_two_actors_write_the_cache_of_one(ray_three_cpus, teacher_dir, demo_dir, tmp_path, monkeypatch):
-    """Same data with 1 and 2 teacher actors: the same shards (boundaries, bytes) and the
-    same decoded rows. Batches are planned by the driver and Ray keeps their order, so the
-    number of actors changes nothing in the cache."""
+    """Same data with 1 and 2 teacher actors (these with a prefetch thread each, so batches
+    also overlap within an actor): the same shards (boundaries, bytes) and the same decoded
+    rows. Batches are planned by the driver and Ray keeps their order, so how many actors
+    and threads ran them changes nothing in the cache."""
     import os
 
     import pipelines.teacher_pass as tp
@@ -121,7 +132,8 @@ def test_two_actors_write_the_cache_of_one(ray_three_cpus, teacher_dir, demo_dir
     for workers in (1, 2):
         cfg = tp.TeacherPassConfig(teacher=str(teacher_dir), data=str(demo_dir / "train.json"),
                                    image_root=str(demo_dir), output=str(tmp_path / f"w{workers}"), k=5, batch_size=4,
-                                   rows_per_shard=12, num_workers=workers, records="response,visual")
+                                   rows_per_shard=12, num_workers=workers, records="response,visual",
+                                   prefetch_batches=workers - 1)
         m = tp.run_teacher_pass(cfg, log=lambda *_: None)
         assert m.complete and m.num_rows == 40
         caches.append(TeacherCache(cfg.output))
