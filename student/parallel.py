@@ -25,6 +25,15 @@ the mean over the W x G micro-batches: RDist with relation_pooling "batch" (one 
 the micro-batch), the MoE load-balancing loss (per-batch routing statistics), and the
 preference losses (a mean over pairs, which every micro-batch has equally many of; exact
 for DPO, while KTO-pair's KL baselines are micro-batch means).
+
+ZeRO-3 keeps 1/W of each parameter on each rank and gathers a module's parameters for its
+forward and backward. StudentOutputs applies the output head's weight itself (F.linear on
+the rows the losses use, W^T W for the relations) rather than calling the head module;
+DeepSpeed (0.19.8) registers a parameter read inside a module's forward as an "external
+parameter" of that module (its parameter-dict getter), so the head is gathered for the
+wrapper's forward and backward without code here (tested: stage 3 with every parameter
+partitioned gives stage 0's loss curve and weights). Saving gathers the whole model
+(full_parameters).
 """
 
 from __future__ import annotations
@@ -150,23 +159,11 @@ def check_zero_stage(zero_stage: int, is_moe: bool) -> None:
                          "state and gradients, the experts' included)")
 
 
-def register_head(wrapper: torch.nn.Module, model) -> None:
-    """ZeRO-3 gathers a parameter only inside its own module's forward (and backward). The
-    student wrapper applies the output head's weight itself (F.linear on the rows the
-    losses use, W^T W for the relations) instead of calling the head module, so the head's
-    parameters are registered with the wrapper: DeepSpeed gathers them for the wrapper's
-    forward and again for its backward. No effect under ZeRO 0-2."""
-    from deepspeed.zero import register_external_parameter
-
-    for p in model.get_output_embeddings().parameters():
-        register_external_parameter(wrapper, p)
-
-
 def full_parameters(model, zero_stage: int):
     """A context in which the model's parameters are whole on every rank (ZeRO-3 keeps a
     1/W slice of each), e.g. to save it. Under ZeRO-3 a collective: every rank enters."""
     if zero_stage != 3:
         return contextlib.nullcontext()
-    from deepspeed.zero import GatheredParameters
+    import deepspeed
 
-    return GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)

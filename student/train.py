@@ -61,7 +61,7 @@ from student.model import TRAINABLE, LlavaArch, build_llava, load_model, output_
 from student.moe import MoEConfig, moe_aux_loss, moe_param_groups, save_moe, upcycle
 from student.optim import LR_SCHEDULES, OPTIMIZERS, build_optimizer, build_scheduler
 from student.parallel import (DTYPES, ZERO_STAGES, StepMeans, check_zero_stage, deepspeed_config, full_parameters,
-                              micro_batch_groups, per_rank, register_head, row_counts, term_rows)
+                              micro_batch_groups, per_rank, row_counts, term_rows)
 
 
 @dataclass
@@ -153,6 +153,8 @@ class StudentOutputs(torch.nn.Module):
         tokens, as H (W^T W) H^T (student.losses.relation_matrix; gradients reach H and W).
     vision: the batch's image inputs (pixel_values and the family's image_sizes /
         image_grid_thw, see pipelines.preprocess.VISION_KEYS), or None for text-only batches.
+    The head's weight is used only inside this forward: ZeRO-3 gathers it for this module's
+    forward and backward (student.parallel).
     """
 
     def __init__(self, model, image_token_id: int, vocab_size: int | None = None):
@@ -318,7 +320,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = set_trainable(model, cfg.trainable)
     wrapped = StudentOutputs(model, image_token_id(processor), cache.manifest.vocab_size if cache else None).train()
-    register_head(wrapped, model)  # ZeRO-3: the wrapper uses the head's weight outside the head's forward
     groups = (moe_param_groups(model, cfg.lr, cfg.weight_decay) if is_moe
               else [{"params": [p for p in model.parameters() if p.requires_grad]}])
     optimizer = build_optimizer(groups, cfg)

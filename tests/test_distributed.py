@@ -53,11 +53,14 @@ def reference(base, tmp_path_factory):
     return _run(dataclasses.replace(base, batch_size=8, output_dir=str(tmp_path_factory.mktemp("ref"))))
 
 
-def assert_same_curve(got: list[dict], want: list[dict], rel: float = 1e-5) -> None:
+def assert_same_curve(got: list[dict], want: list[dict]) -> None:
+    """Equal within float32 rounding: 1e-5 relative, or 2e-7 absolute for the small KL terms
+    (differences of log-probs of size ~4, so their rounding error is absolute; measured
+    up to 6e-8)."""
     assert len(got) == len(want) == STEPS
     for g, w in zip(got, want):
         for k in TERMS:
-            assert g[k] == pytest.approx(w[k], rel=rel), (g["step"], k, g[k], w[k])
+            assert g[k] == pytest.approx(w[k], rel=1e-5, abs=2e-7), (g["step"], k, g[k], w[k])
         assert g["lr"] == pytest.approx(w["lr"], rel=1e-12)
 
 
@@ -98,8 +101,9 @@ def test_zero3_equals_stage_0(base, reference, tmp_path, monkeypatch):
     want = load_file(Path(reference[1]["config"]["output_dir"]) / "model.safetensors")
     got = load_file(tmp_path / "model.safetensors")
     assert got.keys() == want.keys()
-    for name in want:
-        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-6), name
+    for name in want:  # atol: the attention key biases get a gradient that is 0 up to rounding
+        # (softmax ignores them), which Adam scales up to ~lr per step: they differ by ~3e-5
+        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-4), name
 
 
 @pytest.mark.slow

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from pipelines.preprocess import collate, encode_sample, image_token_id
+from pipelines.preprocess import collate, encode_sample
 from pipelines.samples import load_image, read_llava
 from storage.manifest import Manifest
 from storage.reader import TeacherCache
