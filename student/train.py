@@ -326,9 +326,10 @@ def train(cfg: TrainConfig, log=print) -> dict:
     scheduler = build_scheduler(optimizer, cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg))
-    log(f"[train] {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable: {cfg.trainable}"
-        f"{', MoE' if is_moe else ''}), {len(dataset)} {'pairs' if preference else 'samples'}, world {world}, "
-        f"{total_steps} steps, {describe_terms(cfg)}")
+    if rank == 0:
+        log(f"[train] {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable: {cfg.trainable}"
+            f"{', MoE' if is_moe else ''}), {len(dataset)} {'pairs' if preference else 'samples'}, world {world}, "
+            f"{total_steps} steps, {describe_terms(cfg)}")
 
     # Loop: an optimizer step takes grad_accum micro-batches per rank; every loss term is a
     # mean over the step's global batch (student.parallel.StepMeans), logged as such.
