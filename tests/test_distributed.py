@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 import student.parallel
 import student.train
-
 from pipelines.cli import build_parser
 from pipelines.config import load_config
 from student.moe import MoEConfig
