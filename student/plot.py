@@ -55,7 +55,7 @@ def read_eval_results(run_dir: Path, label: str) -> dict[str, dict]:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise PlotError(f"{path}: not JSON ({e})") from e
-        found = {label: data} if name == EVAL_NAME else data.get("results")
+        found = {label: data} if name == EVAL_NAME else data.get("results") if isinstance(data, dict) else None
         if not isinstance(found, dict) or not all(isinstance(r, dict) and "accuracy" in r for r in found.values()):
             raise PlotError(f"{path}: not an evaluation result (expected the metrics of `mmkd eval`"
                             + (" under 'results'" if name == DEMO_RESULTS else "") + ")")

@@ -120,7 +120,7 @@ class RunLog:
             self.writer = summary_writer(folder)
         self.bar = None
         if sys.stdout.isatty() if bar is None else bar:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
 
             self.bar = tqdm(total=total_steps, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
 
