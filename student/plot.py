@@ -106,10 +106,10 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None) -> Path
     for i, key in enumerate(keys):
         ax = fig.add_subplot(grid[i // COLUMNS, i % COLUMNS])
         values = []
-        for label, log in logs.items():
+        for color, (label, log) in enumerate(logs.items()):  # a run keeps its colour in every panel
             points = [(r["step"], r[key]) for r in log if key in r]
             if points:
-                ax.plot(*zip(*points), label=label, linewidth=1)
+                ax.plot(*zip(*points), label=label, color=f"C{color % 10}", linewidth=1)
                 values += [v for _, v in points]
         if values and min(values) > 0 and max(values) / min(values) > 20:
             ax.set_yscale("log")

@@ -217,3 +217,46 @@ def test_dense_student_loads_with_plain_transformers(run_dir, demo_dir):
             batch["input_ids"], batch["attention_mask"], batch["labels"], {"pixel_values": batch["pixel_values"]})
     b, t = torch.nonzero(batch["labels"] != -100, as_tuple=True)
     torch.testing.assert_close(ours["logits"], full[b, t - 1], atol=1e-5, rtol=1e-5)
+
+
+def test_hallucination_rate_counts_absent_objects_answered_yes(run_dir, demo_dir, tmp_path):
+    """evaluate()'s POPE-style rate against a count from plain transformers' logits: the
+    existence questions whose reference answer is "no", and of those, the ones whose first
+    answer token is argmax "yes". The student is first taught to say "yes" to two of the
+    three absent objects (and "no" to the third), so the rate is neither 0 nor 1."""
+    import dataclasses
+
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from student.evaluate import evaluate
+
+    folder, _ = run_dir
+    processor = AutoProcessor.from_pretrained(folder)
+    model = LlavaForConditionalGeneration.from_pretrained(folder)
+    absent = [s for s in read_llava(demo_dir / "train.json")
+              if s.meta.get("task") == "exists" and s.messages[-1]["content"].strip().lower() == "no"]
+    encode = lambda s: encode_sample(processor, s, load_image(demo_dir, s), 256)  # noqa: E731
+    taught = [dataclasses.replace(s, messages=s.messages[:-1] + [{"role": "assistant", "content": answer}])
+              for s, answer in zip(absent, ("yes", "yes", "no"))]
+    batch = {k: torch.from_numpy(v) for k, v in collate([encode(s) for s in taught],
+                                                        processor.tokenizer.pad_token_id).items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(30):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval().save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    yes = processor.tokenizer("yes", add_special_tokens=False)["input_ids"][0]
+    said_yes = 0
+    for s in absent:
+        e = encode(s)
+        first = int((e.labels != -100).nonzero()[0][0])
+        with torch.no_grad():
+            logits = model(input_ids=torch.from_numpy(e.input_ids[None]),
+                           pixel_values=torch.from_numpy(e.vision["pixel_values"])).logits
+        said_yes += int(logits[0, first - 1].argmax()) == yes
+    assert 0 < said_yes < len(absent) == 3
+    metrics = evaluate(str(tmp_path), str(demo_dir / "train.json"), str(demo_dir))
+    assert metrics["absent_object_questions"] == 3
+    assert metrics["hallucination_rate"] == said_yes / 3
