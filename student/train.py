@@ -59,6 +59,7 @@ from student.losses import (
 )
 from student.model import TRAINABLE, LlavaArch, build_llava, load_model, output_head, set_trainable
 from student.moe import MoEConfig, moe_aux_loss, moe_param_groups, save_moe, upcycle
+from student.run_log import RunLog, StepClock
 
 
 @dataclass
@@ -101,7 +102,8 @@ class TrainConfig:
     num_workers: int = 1  # data loader processes encoding samples while the step runs
     keep_encoded: bool = False  # keep encoded samples in memory (small data, many epochs; needs num_workers=0)
     seed: int = 0
-    log_every: int = 50
+    log_every: int = 50  # a log line every N optimizer steps when no progress bar is shown (stdout not a terminal)
+    tensorboard: bool = True  # also write the train_log.jsonl scalars for TensorBoard to output_dir/tensorboard
 
 
 def setup_distributed() -> tuple[int, int, str]:
@@ -328,14 +330,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
         f"{total_steps} steps, {describe_terms(cfg)}")
 
     # Loop.
-    log_path = out_dir / "train_log.jsonl"
-    log_file = open(log_path, "w") if rank == 0 else None
+    run_log = RunLog(out_dir, total_steps, cfg.log_every, cfg.tensorboard, log) if rank == 0 else None
+    clock = StepClock()
     step, t0, tokens, last = 0, time.time(), 0, {}
     for epoch in range(cfg.epochs):
         batches = rank_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                                              prefetch_factor=4 if cfg.num_workers else None, collate_fn=collate_fn)
-        for batch in loader:
+        for batch in clock.batches(loader):
             batch = {k: v.to(device) for k, v in batch.items()}
             vision = vision_inputs(batch, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
             out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], vision,
@@ -352,15 +354,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
             if not engine.is_gradient_accumulation_boundary():
                 continue
             step += 1
-            last = {"step": step, "epoch": epoch, "loss": loss.item(), **terms,
-                    "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / (time.time() - t0)}
-            if log_file:
-                log_file.write(json.dumps(last) + "\n")
-            if rank == 0 and (step % cfg.log_every == 0 or step == total_steps):
-                parts = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
-                log(f"[train] step {step}/{total_steps} loss {loss.item():.4f} ({parts}) "
-                    f"lr {last['lr']:.2e} {last['tokens_per_s']:.0f} sup-tok/s "
-                    f"elapsed {time.time() - t0:.0f}s")
+            last = {"step": step, "epoch": epoch, "loss": loss.item(), **terms, "lr": scheduler.get_last_lr()[0],
+                    **clock.lap(samples=cfg.batch_size * cfg.grad_accum, tokens=tokens)}
+            tokens = 0
+            if run_log:
+                run_log.step(last)
             if step >= total_steps:
                 break
         if step >= total_steps:
@@ -370,7 +368,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     summary = {"steps": step, "wall_s": round(time.time() - t0, 1), "final": last, "params": n_params,
                "config": asdict(cfg)}
     if rank == 0:
-        log_file.close()
+        run_log.close()
         save_moe(model, out_dir) if is_moe else model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
