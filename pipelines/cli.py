@@ -48,15 +48,34 @@ def cmd_recipe(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from pathlib import Path
+
     from student.evaluate import evaluate
+    from student.plot import EVAL_NAME
 
     metrics = evaluate(args.model, args.data, args.image_root, args.cache, args.batch_size, args.max_length,
                        split=args.data_split, image_column=args.image_column, id_column=args.id_column)
-    text = json.dumps(metrics, indent=1)
+    text = json.dumps({"model": args.model, "data": args.data, "cache": args.cache, **metrics}, indent=1)
     print(text)
-    if args.out:
-        with open(args.out, "w") as f:
+    out = args.out
+    if out is None and (Path(args.model) / "train_summary.json").exists():  # a run folder of `mmkd train`
+        out = str(Path(args.model) / EVAL_NAME)
+    if out:
+        with open(out, "w") as f:
             f.write(text + "\n")
+        print(f"metrics written to {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(args) -> int:
+    from student.plot import PlotError, plot_runs
+
+    try:
+        out = plot_runs(args.run_dirs, args.out)
+    except PlotError as e:
+        print(f"mmkd plot: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
     return 0
 
 
@@ -163,8 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache", help="teacher cache of the same split, for KL to the teacher")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-length", type=int, default=256)
-    ev.add_argument("--out", help="also write the metrics JSON here")
+    ev.add_argument("--out", help="also write the metrics JSON here (default: MODEL/eval.json when the model is "
+                    "the output folder of `mmkd train`, for `mmkd plot`; '' writes nothing)")
     ev.set_defaults(func=cmd_eval)
+
+    pl = sub.add_parser("plot", help="Loss curves of training runs (train_log.jsonl) and their evaluation table "
+                                     "(eval.json, or a demo's results.json) as one PNG; several runs overlay.")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="output folder of `mmkd train` (or `mmkd demo`)")
+    pl.add_argument("--out", help="PNG file (default: RUN_DIR/plot.png; needed with several folders)")
+    pl.set_defaults(func=cmd_plot)
 
     ck = sub.add_parser("check", help="Check that a student can learn from a teacher (and its cache): vocabulary, "
                                       "special tokens, chat template, image tokens, visual token count, heads, "

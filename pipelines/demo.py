@@ -175,15 +175,11 @@ def _shutdown_ray() -> None:
 
 
 def results_table(results: dict, cfg: DemoConfig) -> str:
-    tasks = sorted(next(iter(results.values()))["per_task"])
-    head = ["model", "params", "exact match", "KL to teacher (nats/token)", "hallucination (absent, said yes)"] + tasks
+    from student.evaluate import metrics_table
+
+    head, rows = metrics_table(results)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for name, r in results.items():
-        kl = max(r["kl_to_teacher"], 0.0)  # the teacher's own row is float16 rounding, +-1e-5
-        hal = f"{r['hallucination_rate']:.3f}" if "hallucination_rate" in r else "-"
-        cells = [name, f"{r['params'] / 1e6:.2f}M", f"{r['accuracy']:.3f}", f"{kl:.4f}", hal]
-        cells += [f"{r['per_task'][t]:.2f}" for t in tasks]
-        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
     n = next(iter(results.values()))["samples"]
     absent = next(iter(results.values())).get("absent_object_questions", 0)
     lines.append(f"\nTest split: {n} samples ({absent} existence questions about absent objects). Students "

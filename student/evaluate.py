@@ -96,3 +96,24 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
     if kl_tokens:  # top-k caches; a sampled cache holds no log-probs to compare with
         out["kl_to_teacher"] = kl_sum / kl_tokens
     return out
+
+
+def metrics_table(results: dict[str, dict]) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of a results table: one row per model of {name: evaluate() metrics},
+    formatted (the demo's results.md and `mmkd plot`'s PNG). A params column when every
+    row has "params"; "-" where a model lacks a metric (no cache: no KL; no existence
+    questions: no hallucination rate)."""
+    tasks = sorted({t for r in results.values() for t in r.get("per_task", {})})
+    params = all("params" in r for r in results.values())
+    head = (["model"] + (["params"] if params else []) + ["exact match", "KL to teacher (nats/token)",
+                                                           "hallucination (absent, said yes)"] + tasks)
+    rows = []
+    for name, r in results.items():
+        kl = r.get("kl_to_teacher")
+        cells = [name] + ([f"{r['params'] / 1e6:.2f}M"] if params else []) + [
+            f"{r['accuracy']:.3f}",
+            "-" if kl is None else f"{max(kl, 0.0):.4f}",  # a teacher's own row is float16 rounding, +-1e-5
+            f"{r['hallucination_rate']:.3f}" if "hallucination_rate" in r else "-"]
+        cells += [f"{r['per_task'][t]:.2f}" if t in r.get("per_task", {}) else "-" for t in tasks]
+        rows.append(cells)
+    return head, rows

@@ -62,6 +62,7 @@ from student.moe import MoEConfig, moe_aux_loss, moe_param_groups, save_moe, upc
 from student.optim import LR_SCHEDULES, OPTIMIZERS, build_optimizer, build_scheduler
 from student.parallel import (DTYPES, ZERO_STAGES, StepMeans, check_zero_stage, deepspeed_config, full_parameters,
                               micro_batch_groups, per_rank, row_counts, term_rows)
+from student.run_log import RunLog, StepClock
 
 
 @dataclass
@@ -109,7 +110,8 @@ class TrainConfig:
     num_workers: int = 1  # data loader processes encoding samples while the step runs
     keep_encoded: bool = False  # keep encoded samples in memory (small data, many epochs; needs num_workers=0)
     seed: int = 0
-    log_every: int = 50
+    log_every: int = 50  # a log line every N optimizer steps when no progress bar is shown (stdout not a terminal)
+    tensorboard: bool = True  # also write the train_log.jsonl scalars for TensorBoard to output_dir/tensorboard
 
 
 def setup_distributed() -> tuple[int, int, str]:
@@ -333,8 +335,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
 
     # Loop: an optimizer step takes grad_accum micro-batches per rank; every loss term is a
     # mean over the step's global batch (student.parallel.StepMeans), logged as such.
-    log_path = out_dir / "train_log.jsonl"
-    log_file = open(log_path, "w") if rank == 0 else None
+    run_log = RunLog(out_dir, total_steps, cfg.log_every, cfg.tensorboard, log) if rank == 0 else None
+    clock = StepClock()
     terms_of = preference_terms if preference else distill_terms
     rows, weights, img = term_rows(cfg.relation_pooling), term_weights(cfg), image_token_id(processor)
     step, micro_batches, t0, tokens, last = 0, 0, time.time(), 0, {}
@@ -342,7 +344,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
         batches = rank_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                                              prefetch_factor=4 if cfg.num_workers else None, collate_fn=collate_fn)
-        for group in micro_batch_groups(loader, cfg.grad_accum):
+        for group in micro_batch_groups(clock.batches(loader), cfg.grad_accum):
             means = StepMeans([row_counts(b, img, preference) for b in group], rows, weights, device)
             lr = scheduler.get_last_lr()[0]  # this step's: DeepSpeed advances the schedule after the step
             for i, batch in enumerate(group):
@@ -358,15 +360,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 tokens += int(out["targets"].numel())
             micro_batches += len(group)
             step += 1
-            logged = means.logged()
-            last = {"step": step, "epoch": epoch, **logged, "lr": lr, "tokens_per_s": tokens / (time.time() - t0)}
-            if log_file:
-                log_file.write(json.dumps(last) + "\n")
-            if rank == 0 and (step % cfg.log_every == 0 or step == total_steps):
-                parts = " ".join(f"{k} {v:.4f}" for k, v in logged.items() if k != "loss")
-                log(f"[train] step {step}/{total_steps} loss {logged['loss']:.4f} ({parts}) "
-                    f"lr {lr:.2e} {last['tokens_per_s']:.0f} sup-tok/s (rank 0) "
-                    f"elapsed {time.time() - t0:.0f}s")
+            last = {"step": step, "epoch": epoch, **means.logged(), "lr": lr,
+                    **clock.lap(samples=cfg.batch_size * cfg.grad_accum, tokens=tokens)}
+            tokens = 0
+            if run_log:
+                run_log.step(last)
             if step >= total_steps:
                 break
         if step >= total_steps:
@@ -380,7 +378,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
                "micro_batches_per_rank": per_rank_batches, "config": asdict(cfg)}
     with full_parameters(model, cfg.zero_stage):  # ZeRO-3: every rank takes part in the gather
         if rank == 0:
-            log_file.close()
+            run_log.close()
             save_moe(model, out_dir) if is_moe else model.save_pretrained(out_dir)
             processor.save_pretrained(out_dir)
             (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))

@@ -51,9 +51,11 @@ def topk_logprobs(hidden: torch.Tensor, head, k: int, temperature: float = 1.0,
         logits = torch.nn.functional.linear(hidden[start:start + chunk_rows].float(), weight, bias)
         if temperature != 1.0:
             logits = logits / temperature
-        lse = torch.logsumexp(logits, dim=-1)
         v, i = torch.topk(logits, k, dim=-1)
-        rest_lse = torch.logsumexp(logits.scatter(-1, i, float("-inf")), dim=-1)
+        # one pass over the vocabulary after top-k: the rest's logsumexp on the logits with the
+        # top k masked in place, then the total from it and the k values (no second full pass)
+        rest_lse = torch.logsumexp(logits.scatter_(-1, i, float("-inf")), dim=-1)
+        lse = torch.logaddexp(rest_lse, torch.logsumexp(v, dim=-1))
         ids.append(i)
         vals.append(v - lse[:, None])
         rest.append(torch.exp(rest_lse - lse))

@@ -28,6 +28,11 @@ def test_micro_demo_end_to_end(tmp_path):
         assert 0 <= r["accuracy"] <= 1 and r["samples"] == cfg.num_test
         assert r["kl_to_teacher"] >= -1e-3
     assert abs(results["teacher"]["kl_to_teacher"]) < 1e-3  # only float16 rounding of the cache
+    # the preference-trained student is scored on the test split's absent-object questions too
+    test = read_llava(w / "data" / "test.json")
+    absent = sum(s.meta["task"] == "exists" and s.messages[-1]["content"] == "no" for s in test)
+    pref = results["LLaVA-MoD: -> preference (DPO)"]
+    assert pref["absent_object_questions"] == absent > 0 and 0 <= pref["hallucination_rate"] <= 1
     table = (w / "results.md").read_text()
     assert "| student (d) + RDist (LLaVA-KD loss) |" in table and "hallucination" in table
     assert TeacherCache(w / "cache" / "train").manifest.record_kinds == ["response", "visual", "relation"]
