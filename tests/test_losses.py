@@ -243,11 +243,14 @@ def test_sampled_estimator_is_unbiased_for_the_dense_kl_and_top_k_is_not():
     per_rep = -(counts.double() / D * torch.log_softmax(s.double(), -1).repeat(R, 1)).sum(-1).view(R, N).mean(1)
     entropy = -(p * p.log()).sum(-1).mean()
     assert abs(est.item() - (dense.item() + entropy.item())) <= 5 * per_rep.std().item() / R ** 0.5
-    # top-k with k = D (the same storage), bucket mode: biased at the ids outside the top k
-    ids_k, vals_k, left_k = _teacher_topk(t, D)
+    # Top-k with as many ids as the sampled rows hold on average (the same storage), bucket
+    # mode: its gradient is off at the ids outside the top k, and no averaging removes
+    # that, so it fails the very check the sampled estimate passes, by a wide margin.
+    k = round((counts > 0).sum(-1).double().mean().item())
+    ids_k, vals_k, left_k = _teacher_topk(t, k)
     s2 = s.clone().requires_grad_(True)
     g_topk = torch.autograd.grad(sparse_divergence(s2, ids_k, vals_k, left_k), s2)[0].double()
-    assert (g_topk - g_dense).abs().max() > 10 * err.max()
+    assert ((g_topk - g_dense).abs() / (5 * se + 1e-9)).max() > 10
 
 
 def test_relation_matrix_via_gram_equals_naive_z_zt():

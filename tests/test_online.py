@@ -100,7 +100,7 @@ def runs(sharp_teacher, demo_dir, processor_dir, processor, tmp_path_factory):
     finally:
         ray.shutdown()
     common = dict(data=str(demo_dir / "train.json"), image_root=str(demo_dir), processor=str(processor_dir),
-                  arch=TINY, epochs=2, batch_size=8, lr=3e-3, ce_weight=0.0, kd_weight=1.0, log_every=1000,
+                  arch=TINY, epochs=4, batch_size=8, lr=1e-2, ce_weight=0.0, kd_weight=1.0, log_every=1000,
                   num_workers=0, seed=0)
     sources = {"online": {"online_teacher": str(sharp_teacher)}, "full": {"cache": str(caches[vocab])},
                "k2": {"cache": str(caches[2])}}
@@ -122,34 +122,40 @@ def _flat(state):
     return torch.cat([v.flatten().double() for k, v in sorted(state.items())])
 
 
-# The cache rounds every log-prob to the codec's levels: within 1/128 nat where p >= 5%,
-# half the local step below (storage/codec.py), then the k+1 values are renormalised. At
-# the same student the KL moves by at most about sum_i p_i |eps_i| (|log p_i - log q_i| + 1)
-# with |eps_i| <= 2/128 on the mass-carrying ids: a few hundredths of a nat while the
-# student is far from the teacher, less as it gets closer.
+# The tolerance between a k = V offline run and the online run. The cache rounds every
+# log-prob to the codec's levels (within 1/128 nat where p >= 5%, half the local step below;
+# storage/codec.py) and the loss renormalises the k values, so each mass-carrying log-prob
+# is off by |eps| <= 1/64. At the same student the KL then moves by at most about
+# |eps| (1 + sum_i p_i |log p_i - log q_i|) ~ (1/64) (1 + 2.5) ~ 0.05 nats at the start
+# (KL ~2.5 there, all errors aligned), less as the student gets closer; measured <= 0.01.
+# The trajectories stay together because the logit gradients (q - p) differ by
+# |p_hat - p| ~ |eps| p.
 CODEC_TOL = 0.03
 
 
 @pytest.mark.slow
 def test_offline_with_the_whole_vocabulary_follows_the_online_run(runs):
     on, full = np.array(runs["online"]["kd"]), np.array(runs["full"]["kd"])
-    assert len(on) == len(full) == 10
+    assert len(on) == len(full) == 20
     assert on[-1] < 0.5 * on[0]  # the curves move: KD drives the student towards the teacher
     assert np.abs(full - on).max() <= CODEC_TOL
-    # The weights follow too: the two runs end far closer to each other than to where they started.
-    w_init, w_on, w_full = (_flat(runs[n]["params"]) for n in ("init", "online", "full"))
-    assert (w_full - w_on).norm() <= 0.05 * (w_on - w_init).norm()
+    # The weights follow too: the k = V run ends much closer to the online run than the
+    # k = 2 run does, and close relative to how far both moved. (Not closer still: Adam
+    # normalises each parameter's update, so parameters with near-zero gradients take
+    # full-size steps whose sign the codec's tiny differences can flip.)
+    w_init, w_on, w_full, w_k2 = (_flat(runs[n]["params"]) for n in ("init", "online", "full", "k2"))
+    assert (w_full - w_on).norm() <= 0.1 * (w_on - w_init).norm()
+    assert (w_full - w_on).norm() <= 0.25 * (w_k2 - w_on).norm()
 
 
 @pytest.mark.slow
 def test_small_k_is_a_lower_bound_and_costs_a_bounded_amount(runs, sharp_teacher, demo_dir):
     """k = 2: at the first step (same parameters, same batch) the offline loss is the bucket
-    KL, a lower bound of the full KL, and visibly below it (truncation is not codec noise).
+    KL, a lower bound of the full KL, and visibly below it (truncation, not codec noise).
     Evaluated on the train split with the teacher loaded (the honest full-vocabulary KL) and
-    with each cache (the bucket KL, what a cache can report): for k = V the two agree within
-    the codec; for k = 2 the cache under-reports. The k = 2 student still learns (its true
-    KL falls well below the untrained student's), but ends further from the teacher than
-    the online one."""
+    with each cache (the bucket KL, all a cache can report): for k = V the two agree within
+    the codec, for k = 2 the cache under-reports. Bounded cost: the k = 2 student keeps at
+    least 3/4 of the online student's reduction of the true KL, but visibly not all of it."""
     on, k2 = runs["online"]["kd"], runs["k2"]["kd"]
     assert k2[0] <= on[0] + 1e-4
     assert on[0] - k2[0] > 3 * CODEC_TOL
@@ -162,4 +168,6 @@ def test_small_k_is_a_lower_bound_and_costs_a_bounded_amount(runs, sharp_teacher
     assert abs(m["full"]["kl_to_teacher"] - full["full"]) <= CODEC_TOL  # k = V: the cache's KL is the KL
     assert m["k2"]["kl_to_teacher"] < full["k2"] - 3 * CODEC_TOL  # k = 2: a lower bound, visibly
     assert abs(full["full"] - full["online"]) <= CODEC_TOL
-    assert full["online"] + CODEC_TOL < full["k2"] < 0.5 * full["init"]
+    gain_online, gain_k2 = full["init"] - full["online"], full["init"] - full["k2"]
+    assert gain_online > 1.0  # nats: KD worked
+    assert 0.75 * gain_online <= gain_k2 <= gain_online - CODEC_TOL
