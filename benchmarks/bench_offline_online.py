@@ -4,31 +4,33 @@ teacher resident, full-vocabulary KD every step), on the demo task, over several
 Rows (one training stage each, the demo's student (b) settings: pipelines/demo.py
 DemoConfig's student architecture, training subset, epochs, lr and batch size; CE + forward
 KL on the response tokens, weights 1 and 1; only the KD term's source differs):
-    SFT only (CE)                 no teacher
-    offline top-k, k = 64, 8, 4   caches from the Ray teacher pass (a k above the
-                                  vocabulary is capped to it: the demo has 49 ids)
-    offline sampled               the Sparse-Logit-Sampling cache (--draws ids per position)
-    online                        --online-teacher: the teacher resident, dense KL
+    SFT (CE only)              no teacher
+    offline top-k, --k 64 8 4  caches from the Ray teacher pass (bucket mode); a k above the
+                               vocabulary is capped to it (the demo has 49 ids)
+    offline sampled            the Sparse-Logit-Sampling cache, --draws ids per position
+    online (full vocabulary)   --online-teacher: the teacher resident, dense KL
 
 Metrics on the test split, per seed, then mean +- std (sample std over seeds): exact match,
 the full-vocabulary forward KL to the teacher (the teacher is loaded for it: the honest
 metric, not the cache's bucket lower bound) and the hallucination rate (absent-object
 existence questions answered "yes").
 
-Cost: per-step time of SFT, offline KD (top-k, sampled) and online KD, measured in this one
-process, interleaved: every round runs --cost-steps steps of each (the order rotating per
-round) over the same collated batches, with the trainer's own pieces (StudentOutputs,
-distill_terms, OnlineTeacher.targets) and AdamW, without DeepSpeed's wrapper and without
-data loading (the trainer's loader runs in worker processes). Medians over the rounds after
-the first, and the ratios to SFT.
+Cost: per-step time of SFT, offline KD (the largest k, and sampled) and online KD, in this
+one process, interleaved: every round runs --cost-steps steps of each (the order rotating
+per round) over the same collated batches, with the trainer's own pieces (StudentOutputs,
+distill_terms, OnlineTeacher.targets) and AdamW; not timed: DeepSpeed's wrapper (the same
+for all) and data loading (the cache is decoded once when the data set opens; the loader
+may run in worker processes). Medians over the rounds after the first, ratios to SFT.
 
-Caches and students go to --workdir; a finished one is reused (delete it to redo). The demo
-folder (--demo: teacher, processor, data) is only read.
+Caches and students go to --workdir; finished ones are reused (a folder made with other
+sizes is refused). The demo folder (--demo: teacher, processor, data) is only read. On a
+box with other load, OMP_NUM_THREADS=2 makes tiny models many times slower: run it quiet.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_offline_online.py --demo runs/demo \
         --workdir runs/bench_offline_online
-Tiny check of the script (a minute):
-    ... --train-samples 64 --test-samples 32 --subset 48 --epochs 1 --seeds 0 --cost-rounds 2 --cost-steps 2
+Tiny check of the script (about 2 minutes):
+    ... --workdir /tmp/bench_tiny --train-samples 64 --test-samples 32 --subset 48 --epochs 1 --seeds 0 \
+        --cost-rounds 2 --cost-steps 2
 """
 
 from __future__ import annotations
@@ -41,11 +43,15 @@ from pathlib import Path
 
 import torch
 
-ROW_SFT, ROW_ONLINE, ROW_SAMPLED = "SFT only (CE)", "online full-vocabulary KD", "offline sampled"
+ROW_SFT, ROW_ONLINE = "SFT (CE only)", "online (full vocabulary)"
 
 
 def topk_row(k: int, vocab: int) -> str:
-    return f"offline top-k, k={k}" + (f" (= the whole vocabulary, {vocab})" if k >= vocab else "")
+    return f"offline top-{k}" + (f" (= all {vocab} ids)" if k >= vocab else "")
+
+
+def sampled_row(draws: int) -> str:
+    return f"offline sampled ({draws} draws)"
 
 
 def write_split(src: Path, dst: Path, n: int) -> Path:
@@ -70,7 +76,7 @@ def make_caches(a, demo: Path, train_json: Path, vocab: int, log) -> dict[str, s
         caches[topk_row(k, vocab)] = str(out)
     out = Path(a.workdir) / "cache" / f"sampled{a.draws}"
     run_teacher_pass(TeacherPassConfig(output=str(out), mode="sampled", draws=a.draws, seed=0, **common), log)
-    caches[ROW_SAMPLED] = str(out)
+    caches[sampled_row(a.draws)] = str(out)
     import ray
 
     ray.shutdown()  # give the cores back to the students
@@ -144,14 +150,14 @@ def step_costs(a, demo: Path, train_json: Path, caches: dict[str, str], vocab: i
                 for s in range(0, len(ds), d.batch_size)]
 
     topk = topk_row(max(a.k), vocab)
-    modes = {ROW_SFT: (batches(None), None), f"offline KD ({topk})": (batches(caches[topk]), None),
-             f"offline KD ({ROW_SAMPLED})": (batches(caches[ROW_SAMPLED]), None)}
+    sampled = sampled_row(a.draws)
+    modes = {ROW_SFT: batches(None), topk: batches(caches[topk]), sampled: batches(caches[sampled])}
     cfg = TrainConfig(lr=d.student_lr)  # ce_weight = kd_weight = 1, as the trained rows
     states = {}
     for name in [*modes, ROW_ONLINE]:
         model = build_llava(d.student_arch, processor, seed=0).train()
         teacher = OnlineTeacher(str(demo / "teacher"), processor, model) if name == ROW_ONLINE else None
-        data = modes[ROW_SFT][0] if name == ROW_ONLINE else modes[name][0]
+        data = modes[ROW_SFT] if name == ROW_ONLINE else modes[name]
         states[name] = (StudentOutputs(model, image_token_id(processor), vocab), torch.optim.AdamW(
             model.parameters(), lr=cfg.lr), teacher, data)
 
@@ -178,6 +184,16 @@ def step_costs(a, demo: Path, train_json: Path, caches: dict[str, str], vocab: i
     sft = statistics.median(times[ROW_SFT])
     return {name: {"median_ms": 1000 * statistics.median(t), "ratio_to_sft": statistics.median(t) / sft,
                    "steps_timed": len(t)} for name, t in times.items()}
+
+
+def check_workdir(work: Path, a) -> None:
+    """Finished caches and students are reused: refuse a work folder made with other sizes."""
+    settings = {k: getattr(a, k) for k in ("demo", "train_samples", "test_samples", "subset", "epochs", "draws")}
+    path = work / "settings.json"
+    if path.exists() and json.loads(path.read_text()) != settings:
+        raise SystemExit(f"{work} holds runs made with {path.read_text()}; these settings are {settings}: "
+                         "use another --workdir or delete it")
+    path.write_text(json.dumps(settings))
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -215,22 +231,23 @@ def plot(rows: dict, costs: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    names = list(rows)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
-    for ax, key, title in ((axes[0], "accuracy", "test exact match"),
-                           (axes[1], "full_kl_to_teacher", "full-vocabulary KL to the teacher (nats/token)")):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=False)
+    panels = ((axes[0], list(rows), "accuracy", "test exact match"),
+              (axes[1], list(rows), "full_kl_to_teacher", "KL to the teacher, full vocabulary (nats/token)"))
+    for ax, names, key, title in panels:
         stats = [mean_std([m[key] for m in rows[n].values()]) for n in names]
         ax.barh(range(len(names)), [s[0] for s in stats], xerr=[s[1] for s in stats], color="tab:blue", capsize=3)
-        ax.set_yticks(range(len(names)), names if ax is axes[0] else [""] * len(names))
+        ax.set_yticks(range(len(names)), names if ax is axes[0] else [])
         ax.invert_yaxis()
-        ax.set_title(title)
+        ax.set_title(title, fontsize=10)
     ax = axes[2]
     ax.barh(range(len(costs)), [c["ratio_to_sft"] for c in costs.values()], color="tab:orange")
-    ax.axvline(1.15, color="k", linestyle="--", linewidth=1, label="1.15x (offline target)")
+    ax.axvline(1.15, color="k", linestyle="--", linewidth=1, label="offline target 1.15x")
     ax.set_yticks(range(len(costs)), list(costs))
     ax.invert_yaxis()
-    ax.set_title("step time / SFT step time")
-    ax.legend(loc="lower right")
+    ax.set_title("step time / SFT step time (median)", fontsize=10)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.suptitle("mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -261,6 +278,7 @@ def main():
     log = print
     demo, work = Path(a.demo), Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
+    check_workdir(work, a)
     vocab = len(AutoProcessor.from_pretrained(demo / "processor").tokenizer)
     train_json = write_split(demo / "data" / "train.json", work / "data" / "train.json", a.train_samples)
     test_json = write_split(demo / "data" / "test.json", work / "data" / "test.json", a.test_samples)
@@ -280,7 +298,7 @@ def main():
     table, cost = results_table(rows), cost_table(costs)
     d = train_configs(a, demo, train_json, caches, a.seeds[0])[ROW_SFT]
     note = (f"Test split: {len(json.loads(test_json.read_text()))} samples; teacher exact match "
-            f"{teacher['accuracy']:.3f}. Students: {d.subset} training samples (seeded per seed), {d.epochs} epochs, "
+            f"{teacher['accuracy']:.3f}. Students: {d.subset} training samples (a seeded draw per seed), {d.epochs} epochs, "
             f"lr {d.lr}, batch {d.batch_size}; CE + forward KL on the response tokens. Vocabulary {vocab} ids. "
             f"Sampled mode: {a.draws} draws per position. mean ± std over seeds {a.seeds}.")
     text = f"{table}\n\n{note}\n\n{cost}\n"
