@@ -95,7 +95,8 @@ def train_configs(a, demo: Path, train_json: Path, caches: dict[str, str], seed:
                   batch_size=d.batch_size, seed=seed, log_every=10 ** 9, num_workers=0, keep_encoded=True)
     runs = {ROW_SFT: {}, **{name: {"cache": c} for name, c in caches.items()},
             ROW_ONLINE: {"online_teacher": str(demo / "teacher")}}
-    return {name: TrainConfig(output_dir=str(Path(a.workdir) / "students" / _slug(name) / f"seed{seed}"), **common, **kw)
+    students = Path(a.workdir) / "students"
+    return {name: TrainConfig(output_dir=str(students / _slug(name) / f"seed{seed}"), **common, **kw)
             for name, kw in runs.items()}
 
 
@@ -298,9 +299,9 @@ def main():
     table, cost = results_table(rows), cost_table(costs)
     d = train_configs(a, demo, train_json, caches, a.seeds[0])[ROW_SFT]
     note = (f"Test split: {len(json.loads(test_json.read_text()))} samples; teacher exact match "
-            f"{teacher['accuracy']:.3f}. Students: {d.subset} training samples (a seeded draw per seed), {d.epochs} epochs, "
-            f"lr {d.lr}, batch {d.batch_size}; CE + forward KL on the response tokens. Vocabulary {vocab} ids. "
-            f"Sampled mode: {a.draws} draws per position. mean ± std over seeds {a.seeds}.")
+            f"{teacher['accuracy']:.3f}. Students: {d.subset} training samples (a seeded draw per seed), "
+            f"{d.epochs} epochs, lr {d.lr}, batch {d.batch_size}; CE + forward KL on the response tokens. "
+            f"Vocabulary {vocab} ids. Sampled mode: {a.draws} draws per position. mean ± std over seeds {a.seeds}.")
     text = f"{table}\n\n{note}\n\n{cost}\n"
     (work / "results.md").write_text(text)
     (work / "results.json").write_text(json.dumps({

@@ -37,7 +37,7 @@ def check_same_inputs(teacher_processor, student_processor, teacher_path: str) -
     if t_in.keys() != s_in.keys() or not all(np.array_equal(t_in[k], s_in[k]) for k in t_in):
         msgs.append("image preprocessing: the two processors give different pixel values for the same image")
     if msgs:
-        raise ValueError(f"online_teacher {teacher_path}: the teacher cannot read the student's batches: "
+        raise ValueError(f"teacher {teacher_path}: it cannot read the student's batches: "
                          + "; ".join(msgs) + ". Use the teacher's processor for the student (processor: "
                          f"{teacher_path})")
 
@@ -59,7 +59,7 @@ class OnlineTeacher:
         self.vocab_size = min(len(student_processor.tokenizer), model.get_output_embeddings().weight.shape[0])
         width = student.get_output_embeddings().weight.shape[0]
         if width < self.vocab_size:
-            raise ValueError(f"online_teacher {path}: the teacher scores {self.vocab_size} ids, the student's "
+            raise ValueError(f"teacher {path}: it scores {self.vocab_size} ids, the student's "
                              f"output head has only {width} rows; the student must share the teacher's vocabulary")
         self.rows = StudentOutputs(model, image_token_id(student_processor), self.vocab_size)
 

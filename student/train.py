@@ -75,7 +75,7 @@ class TrainConfig:
     processor: str = ""  # processor folder (tokenizer, chat template, image processor)
     output_dir: str = ""  # where the trained model (HF folder) and logs go
     cache: str | None = None  # teacher cache folder; None trains with CE only
-    online_teacher: str | None = None  # comparison baseline: this teacher folder resident, full-vocabulary KD (no cache)
+    online_teacher: str | None = None  # comparison only: this teacher resident, full-vocabulary KD (no cache)
     init_from: str | None = None  # start from this saved model instead of random weights
     arch: LlavaArch = field(default_factory=LlavaArch)  # sizes when building from scratch
     subset: int = 0  # train on the first N samples after a seeded shuffle; 0 = all

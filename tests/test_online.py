@@ -33,7 +33,7 @@ def test_online_teacher_refuses_a_student_that_reads_other_inputs(teacher_dir, p
     template = other / "chat_template.jinja"
     template.write_text(template.read_text().replace("USER: ", "HUMAN: "))
     student = build_llava(TINY, processor)
-    with pytest.raises(ValueError, match=rf"online_teacher {teacher_dir}: .*chat template"):
+    with pytest.raises(ValueError, match=rf"teacher {teacher_dir}: it cannot read the student.s batches: .*chat tem"):
         OnlineTeacher(str(teacher_dir), AutoProcessor.from_pretrained(other), student)
     narrow = torch.nn.Module()
     narrow.get_output_embeddings = lambda: torch.nn.Linear(4, len(processor.tokenizer) - 1)
