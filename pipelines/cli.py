@@ -54,7 +54,8 @@ def cmd_eval(args) -> int:
     from student.plot import EVAL_NAME
 
     metrics = evaluate(args.model, args.data, args.image_root, args.cache, args.batch_size, args.max_length,
-                       split=args.data_split, image_column=args.image_column, id_column=args.id_column)
+                       split=args.data_split, image_column=args.image_column, id_column=args.id_column,
+                       teacher=args.teacher)
     text = json.dumps({"model": args.model, "data": args.data, "cache": args.cache, **metrics}, indent=1)
     print(text)
     out = args.out
@@ -180,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--image-column", default="image", help="column of the image ('' = no images)")
     ev.add_argument("--id-column", default="id", help="column of the unique sample id")
     ev.add_argument("--cache", help="teacher cache of the same split, for KL to the teacher")
+    ev.add_argument("--teacher", help="teacher model folder: loads it for the exact full-vocabulary KL to the "
+                    "teacher (full_kl_to_teacher)")
     ev.add_argument("--batch-size", type=int, default=64)
     ev.add_argument("--max-length", type=int, default=256)
     ev.add_argument("--out", help="also write the metrics JSON here (default: MODEL/eval.json when the model is "

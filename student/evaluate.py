@@ -8,7 +8,10 @@ one forward instead of a generate loop. A test checks it against `generate`.
 
 KL to the teacher reads the teacher's targets from a cache of the same split (the teacher
 is not loaded): the per-token bucket KL of student.losses.sparse_forward_kl, a lower bound
-of the full-vocabulary KL that is exact up to the top-k coarsening.
+of the full-vocabulary KL that is exact up to the top-k coarsening. With `teacher`, the
+teacher is loaded (student/online.py) and full_kl_to_teacher is the exact forward KL over
+the whole shared vocabulary: the honest metric for comparing students trained from caches
+of different k or modes (benchmarks/bench_offline_online.py).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pipelines.preprocess import image_token_id
 from pipelines.inputs import read_inputs
 from storage.reader import TeacherCache
 from student.data import DistillDataset, check_student_vocab, collate_items
-from student.losses import sparse_forward_kl
+from student.losses import dense_divergence, sparse_forward_kl
 from student.model import load_model
 from student.train import StudentOutputs, vision_inputs
 
@@ -34,10 +37,12 @@ def _answer(sample) -> str:
 @torch.no_grad()
 def evaluate(model_path: str, data: str, image_root: str, cache: str | None = None, batch_size: int = 64,
              max_length: int = 256, device: str = "cpu", split: str | None = None, image_column: str = "image",
-             id_column: str = "id") -> dict:
+             id_column: str = "id", teacher: str | None = None) -> dict:
     """Metrics of the model saved at model_path on the samples in `data`:
     accuracy (exact match), accuracy per task (the samples' "task" field, if any),
-    kl_to_teacher (nats per supervised token; only with a cache), samples, tokens, and,
+    kl_to_teacher (nats per supervised token, the bucket KL; only with a cache),
+    full_kl_to_teacher (nats per supervised token over the full vocabulary; only with a
+    teacher folder: the teacher is loaded and run on the same batches), samples, tokens, and,
     when the data has existence questions (task "exists"), hallucination_rate: the
     fraction of those about an ABSENT object that the model answers "yes" (POPE's
     false-positive rate; the answer is the argmax at the first answer token).
@@ -51,17 +56,24 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
     dataset = DistillDataset(samples, processor, image_root, max_length, teacher_cache)
     if teacher_cache is not None:
         check_student_vocab(teacher_cache, model, dataset.max_target_id)
-    rows = StudentOutputs(model, image_token_id(processor), teacher_cache.manifest.vocab_size if teacher_cache else None)
+    online = None
+    if teacher:
+        from student.online import OnlineTeacher
+
+        online = OnlineTeacher(teacher, processor, model, device=device)
+    vocab = teacher_cache.manifest.vocab_size if teacher_cache else online.vocab_size if online else None
+    rows = StudentOutputs(model, image_token_id(processor), vocab)
     yes_id = processor.tokenizer("yes", add_special_tokens=False)["input_ids"][0]
     absent, said_yes = 0, 0  # existence questions whose answer is "no" (POPE-style)
     correct, per_task, per_task_n = 0, Counter(), Counter()
-    kl_sum, kl_tokens, tokens = 0.0, 0, 0
+    kl_sum, kl_tokens, full_kl_sum, tokens = 0.0, 0, 0.0, 0
     batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
                                          collate_fn=partial(collate_items, pad_id=processor.tokenizer.pad_token_id))
     for idx, batch in zip(batches, loader):
         batch = {k: v.to(device) for k, v in batch.items()}
-        out = rows(batch["input_ids"], batch["attention_mask"], batch["labels"], vision_inputs(batch))
+        vision = vision_inputs(batch)
+        out = rows(batch["input_ids"], batch["attention_mask"], batch["labels"], vision)
         logits, targets, sample_of_row = out["logits"], out["targets"], out["rows_sample"]
         first = torch.ones_like(sample_of_row, dtype=torch.bool)
         first[1:] = sample_of_row[1:] != sample_of_row[:-1]  # each sample's first answer token
@@ -83,6 +95,9 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
                                    "bucket")
             kl_sum += kl.item() * len(targets)
             kl_tokens += len(targets)
+        if online is not None:
+            t_logits = online.targets(batch, vision)["target_teacher_logits"]
+            full_kl_sum += dense_divergence(logits, t_logits).item() * len(targets)
         tokens += len(targets)
     out = {
         "accuracy": correct / len(samples),
@@ -95,6 +110,8 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
         out["absent_object_questions"] = absent
     if kl_tokens:  # top-k caches; a sampled cache holds no log-probs to compare with
         out["kl_to_teacher"] = kl_sum / kl_tokens
+    if online is not None:
+        out["full_kl_to_teacher"] = full_kl_sum / tokens
     return out
 
 

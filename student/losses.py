@@ -108,6 +108,28 @@ def sparse_forward_kl(student_logits, topk_ids, topk_logprobs, leftover, mode: s
     return sparse_divergence(student_logits, topk_ids, topk_logprobs, leftover, "forward_kl", mode, chunk_rows)
 
 
+def dense_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str = "forward_kl",
+                     chunk_rows: int = 1024) -> torch.Tensor:
+    """Full-vocabulary divergence between teacher and student, mean over rows: what the
+    online baseline (student.online, the teacher resident) trains on and what every cached
+    term approximates; the honest "KL to the teacher" metric.
+
+    student_logits, teacher_logits [N, V] at the same rows (the teacher's without grad);
+    p = softmax(teacher_logits), q = softmax(student_logits); divergence as in
+    sparse_divergence. Chunked and checkpointed like the sparse terms.
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence {divergence!r}: choose one of {DIVERGENCES}")
+    if teacher_logits.shape != student_logits.shape:
+        raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
+                         f"{tuple(student_logits.shape)} differ: both must be [rows, shared vocabulary]")
+    return _chunked(_dense_rows, student_logits, (teacher_logits,), (divergence,), chunk_rows)
+
+
+def _dense_rows(logits: torch.Tensor, t_logits: torch.Tensor, divergence: str) -> torch.Tensor:
+    return _divergence(torch.log_softmax(t_logits.float(), -1), torch.log_softmax(logits.float(), -1), divergence)
+
+
 def sampled_kd(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
                chunk_rows: int = 1024) -> torch.Tensor:
     """Distillation from sampled teacher ids (Sparse Logit Sampling), mean over rows.

@@ -14,10 +14,13 @@ the step, all ranks and accumulation micro-batches: student.parallel):
   + relation_weight * (1 - cos(R_teacher, R_student))   relations of the image tokens (RDist)
   + moe.aux_weight * load-balancing loss            MoE students
 where D is the divergence of `divergence` (forward KL by default) on the cached top-k.
+For comparison only, `online_teacher` keeps the teacher resident and takes D over the full
+vocabulary at every step instead (the seed papers' way; student/online.py).
 objective="preference": DPO or KTO-pair with the teacher's cached answer log-probs as the
 reference (+ ce_weight * CE on the chosen answers, + the MoE aux loss).
 
-The teacher's weights are never opened: its targets come from the cache rows (storage/).
+The teacher's weights are never opened (but by the online_teacher baseline): its targets
+come from the cache rows (storage/).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from student.losses import (
     PREFERENCE_LOSSES,
     RELATION_POOLING,
     cross_entropy,
+    dense_divergence,
     preference_loss,
     relation_loss,
     relation_matrix,
@@ -75,6 +79,7 @@ class TrainConfig:
     processor: str = ""  # processor folder (tokenizer, chat template, image processor)
     output_dir: str = ""  # where the trained model (HF folder) and logs go
     cache: str | None = None  # teacher cache folder; None trains with CE only
+    online_teacher: str | None = None  # comparison only: this teacher resident, full-vocabulary KD (no cache)
     init_from: str | None = None  # start from this saved model instead of random weights
     arch: LlavaArch = field(default_factory=LlavaArch)  # sizes when building from scratch
     subset: int = 0  # train on the first N samples after a seeded shuffle; 0 = all
@@ -194,7 +199,10 @@ def vision_inputs(batch: dict, dtype: torch.dtype | None = None) -> dict | None:
 
 
 def _token_kd(logits: torch.Tensor, batch: dict, prefix: str, cfg: "TrainConfig") -> torch.Tensor:
-    """The sparse divergence of one token record kind (prefix "target" = response, "visual")."""
+    """The divergence of one token record kind (prefix "target" = response, "visual") from the
+    teacher's logits (online baseline), its sampled ids, or its cached top-k."""
+    if f"{prefix}_teacher_logits" in batch:  # online: the full vocabulary
+        return dense_divergence(logits, batch[f"{prefix}_teacher_logits"], cfg.divergence)
     if f"{prefix}_counts" in batch:  # a sampled-mode cache: the unbiased estimator (forward KL)
         return sampled_kd(logits, batch[f"{prefix}_ids"], batch[f"{prefix}_counts"])
     return sparse_divergence(logits, batch[f"{prefix}_ids"], batch[f"{prefix}_logprobs"],
@@ -204,7 +212,7 @@ def _token_kd(logits: torch.Tensor, batch: dict, prefix: str, cfg: "TrainConfig"
 def distill_terms(out: dict, batch: dict, cfg: "TrainConfig") -> dict[str, torch.Tensor]:
     """CE and the KD terms the config turns on, each the mean over its rows in this batch."""
     terms = {"ce": cross_entropy(out["logits"], out["targets"])}
-    if "target_ids" in batch and cfg.kd_weight > 0:
+    if cfg.kd_weight > 0 and ("target_ids" in batch or "target_teacher_logits" in batch):
         terms["kd"] = _token_kd(out["logits"], batch, "target", cfg)
     if cfg.visual_weight > 0:
         terms["visual_kd"] = _token_kd(out["visual_logits"], batch, "visual", cfg)
@@ -256,7 +264,13 @@ def check_config(cfg: "TrainConfig") -> None:
                           ("dtype", DTYPES)):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name} {getattr(cfg, name)!r}: choose one of {allowed}")
-    if (cfg.visual_weight > 0 or cfg.relation_weight > 0 or cfg.objective == "preference") and not cfg.cache:
+    if cfg.online_teacher and cfg.cache:
+        raise ValueError("online_teacher and cache are two sources of teacher targets: set one (cache: the "
+                         "offline cache; online_teacher: the resident-teacher baseline, for comparison)")
+    if cfg.online_teacher and cfg.objective != "distill":
+        raise ValueError("online_teacher supports objective=distill only; preference training reads a cache")
+    if (cfg.visual_weight > 0 or cfg.relation_weight > 0 or cfg.objective == "preference") and not (
+            cfg.cache or cfg.online_teacher):
         raise ValueError("visual_weight, relation_weight and objective=preference read teacher targets: "
                          "set cache to a teacher cache folder")
     if cfg.objective == "preference" and cfg.keep_encoded:
@@ -272,10 +286,11 @@ def check_config(cfg: "TrainConfig") -> None:
 def describe_terms(cfg: "TrainConfig") -> str:
     if cfg.objective == "preference":
         return f"{cfg.preference_loss} (beta {cfg.beta}) against the teacher from {cfg.cache}"
-    if not cfg.cache:
+    if not (cfg.cache or cfg.online_teacher):
         return "CE only"
     w = {"ce": cfg.ce_weight, "kd": cfg.kd_weight, "visual": cfg.visual_weight, "relation": cfg.relation_weight}
-    return " + ".join(f"{v:g}*{k}" for k, v in w.items() if v > 0) + f" ({cfg.divergence}) from {cfg.cache}"
+    source = cfg.cache or f"the resident teacher {cfg.online_teacher} (online, full vocabulary)"
+    return " + ".join(f"{v:g}*{k}" for k, v in w.items() if v > 0) + f" ({cfg.divergence}) from {source}"
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -321,7 +336,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
         check_student_vocab(cache, model, getattr(dataset, "max_target_id", None))
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = set_trainable(model, cfg.trainable)
-    wrapped = StudentOutputs(model, image_token_id(processor), cache.manifest.vocab_size if cache else None).train()
+    teacher = None
+    if cfg.online_teacher:  # the comparison baseline (student/online.py)
+        from student.online import OnlineTeacher
+
+        teacher = OnlineTeacher(cfg.online_teacher, processor, model, getattr(torch, cfg.dtype), device)
+    vocab = cache.manifest.vocab_size if cache else teacher.vocab_size if teacher else None
+    wrapped = StudentOutputs(model, image_token_id(processor), vocab).train()
     groups = (moe_param_groups(model, cfg.lr, cfg.weight_decay) if is_moe
               else [{"params": [p for p in model.parameters() if p.requires_grad]}])
     optimizer = build_optimizer(groups, cfg)
@@ -350,6 +371,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
             for i, batch in enumerate(group):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 vision = vision_inputs(batch, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
+                if teacher is not None:
+                    batch.update(teacher.targets(batch, vision, cfg.visual_weight > 0, cfg.relation_weight > 0))
                 out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], vision,
                              visual=cfg.visual_weight > 0, relation=cfg.relation_weight > 0)
                 terms = terms_of(out, batch, cfg)

@@ -8,10 +8,13 @@ import torch
 
 from student.losses import (
     DIVERGENCES,
+    LEFTOVER_MODES,
     cross_entropy,
+    dense_divergence,
     preference_loss,
     relation_loss,
     relation_matrix,
+    sampled_kd,
     sequence_logprobs,
     sparse_divergence,
     sparse_forward_kl,
@@ -185,6 +188,69 @@ def test_bad_divergence_is_refused():
     with pytest.raises(ValueError, match="forward_kl"):
         sparse_divergence(torch.zeros(1, 3), torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1),
                           torch.zeros(1), divergence="kl")
+
+
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_online_dense_loss_is_the_reference_and_equals_offline_at_full_vocabulary(divergence):
+    """The online baseline's loss (dense_divergence on the teacher's logits) against the
+    float64 reference, and equal in value and gradient to the offline top-k loss with
+    k = V and exact (unquantised) log-probs, in both leftover modes: with nothing truncated
+    or rounded, the offline loss IS the online one."""
+    N, V = 11, 19
+    t, s, ids, vals, left, p, _ = _case(9, N, V, k=V, scale=2)
+    s.requires_grad_(True)
+    online = dense_divergence(s, t, divergence, chunk_rows=4)
+    s64 = s.detach().double().requires_grad_(True)
+    q64 = torch.softmax(s64, -1)
+    ref = sum(_dense_divergence(p[n], q64[n], divergence) for n in range(N)) / N
+    g_online, = torch.autograd.grad(online, s)
+    g_ref, = torch.autograd.grad(ref, s64)
+    assert torch.allclose(online.double(), ref, atol=1e-5)
+    assert torch.allclose(g_online.double(), g_ref, atol=1e-6)
+    for mode in LEFTOVER_MODES:
+        offline = sparse_divergence(s, ids, vals, left, divergence, mode, chunk_rows=5)
+        g_offline, = torch.autograd.grad(offline, s)
+        assert torch.allclose(offline, online, atol=1e-6), mode
+        assert torch.allclose(g_offline, g_online, atol=1e-6), mode
+    assert dense_divergence(t, t, divergence).abs() < 1e-6
+    with pytest.raises(ValueError, match="shared vocabulary"):
+        dense_divergence(s, t[:, :-1], divergence)
+
+
+def test_sampled_estimator_is_unbiased_for_the_dense_kl_and_top_k_is_not():
+    """Sparse Logit Sampling: over many independent draws, the sampled loss averages to the
+    cross-entropy H(p, q) = KL(p || q) + H(p), and its gradient to the dense forward KL's
+    (the online baseline's). A top-k cache of the same width keeps a gradient bias that no
+    averaging removes, many times the sampled estimate's error."""
+    torch.manual_seed(10)
+    N, V, D, R = 5, 24, 12, 4000  # rows, vocabulary, draws per row, independent repetitions
+    t, s = torch.randn(N, V) * 2, torch.randn(N, V)
+    p = torch.softmax(t.double(), -1)
+    drawn = torch.multinomial(p.float().repeat(R, 1), D, replacement=True)  # [R * N, D]
+    counts = torch.zeros(R * N, V, dtype=torch.int32).scatter_add_(1, drawn, torch.ones_like(drawn, dtype=torch.int32))
+    ids = torch.arange(V).expand(R * N, V)  # every id; count 0 = not drawn
+    s_rep = s.repeat(R, 1).requires_grad_(True)
+    est = sampled_kd(s_rep, ids, counts)  # mean over all R * N rows
+    g_est = torch.autograd.grad(est, s_rep)[0].double().view(R, N, V).sum(0)  # d(mean over R*N)/d(s), per row n
+    s1 = s.clone().requires_grad_(True)
+    dense = dense_divergence(s1, t)
+    g_dense = torch.autograd.grad(dense, s1)[0].double()
+    # gradient: (q - mean p_hat) / N vs (q - p) / N; p_hat's standard error per entry
+    se = (p * (1 - p) / (D * R)).sqrt() / N
+    err = (g_est - g_dense).abs()
+    assert (err <= 5 * se + 1e-9).all()
+    # value: E[-sum p_hat log q] = KL + H(p), within 5 standard errors of the mean over repetitions
+    per_rep = -(counts.double() / D * torch.log_softmax(s.double(), -1).repeat(R, 1)).sum(-1).view(R, N).mean(1)
+    entropy = -(p * p.log()).sum(-1).mean()
+    assert abs(est.item() - (dense.item() + entropy.item())) <= 5 * per_rep.std().item() / R ** 0.5
+    # Top-k with as many ids as the sampled rows hold on average (the same storage), bucket
+    # mode: its gradient is off at the ids outside the top k, and no averaging removes
+    # that, so it fails the very check the sampled estimate passes, by a wide margin.
+    k = round((counts > 0).sum(-1).double().mean().item())
+    ids_k, vals_k, left_k = _teacher_topk(t, k)
+    s2 = s.clone().requires_grad_(True)
+    g_topk = torch.autograd.grad(sparse_divergence(s2, ids_k, vals_k, left_k), s2)[0].double()
+    assert ((g_topk - g_dense).abs() / (5 * se + 1e-9)).max() > 10
 
 
 def test_relation_matrix_via_gram_equals_naive_z_zt():

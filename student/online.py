@@ -1,0 +1,79 @@
+"""The online baseline of the seed papers, for comparison only: the teacher resident next to
+the student, its full-vocabulary logits recomputed on every batch.
+
+LLaVA-KD and LLaVA-MoD keep the teacher on every GPU and take the dense KL at every step;
+mmkd replaces that with a cache (DESIGN invariant 5). `TrainConfig.online_teacher` brings
+the old way back so that both can be compared on the same data, student and settings
+(benchmarks/bench_offline_online.py): the teacher runs on the student's own batch (the
+same token ids and images) and its logits are taken at exactly the rows the student's
+terms use (student.train.StudentOutputs runs on both models), so the KD terms become
+student.losses.dense_divergence instead of a cached approximation. The price: one teacher
+forward per step and the teacher's weights in memory on every rank.
+
+The teacher is any image-text-to-text folder student.model.load_model opens (a Hugging Face
+checkpoint, or an mmkd student); student/ does not import teacher_cache/.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipelines.check import compare_processors
+from pipelines.preprocess import image_token_id, process_image
+from student.model import load_model
+from student.train import StudentOutputs
+
+
+def check_same_inputs(teacher_processor, student_processor, teacher_path: str) -> None:
+    """The teacher reads the student's batch as it is, so both processors must turn a sample
+    into the same model inputs: vocabulary, special tokens, chat template, image token,
+    visual-token count and pixel values. Raises ValueError naming each difference."""
+    bad = [c for c in compare_processors(teacher_processor, student_processor) if not c.ok]
+    msgs = [f"{c.name}: teacher {c.teacher}, student {c.student}" for c in bad]
+    probe = Image.new("RGB", (48, 40), (30, 160, 90))
+    t_in, s_in = process_image(teacher_processor, probe)[1], process_image(student_processor, probe)[1]
+    if t_in.keys() != s_in.keys() or not all(np.array_equal(t_in[k], s_in[k]) for k in t_in):
+        msgs.append("image preprocessing: the two processors give different pixel values for the same image")
+    if msgs:
+        raise ValueError(f"teacher {teacher_path}: it cannot read the student's batches: "
+                         + "; ".join(msgs) + ". Use the teacher's processor for the student (processor: "
+                         f"{teacher_path})")
+
+
+class OnlineTeacher:
+    """A frozen teacher (eval mode, no gradients) on `device` in `dtype`, checked against
+    the student's processor and output head.
+
+    vocab_size: the shared vocabulary both models are scored over (the tokenizer's ids
+    that the teacher's head scores; padded head rows are no tokens).
+    """
+
+    def __init__(self, path: str, student_processor, student, dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu"):
+        from transformers import AutoProcessor
+
+        check_same_inputs(AutoProcessor.from_pretrained(path), student_processor, path)
+        model = load_model(path, dtype, device).eval().requires_grad_(False)
+        self.vocab_size = min(len(student_processor.tokenizer), model.get_output_embeddings().weight.shape[0])
+        width = student.get_output_embeddings().weight.shape[0]
+        if width < self.vocab_size:
+            raise ValueError(f"teacher {path}: it scores {self.vocab_size} ids, the student's "
+                             f"output head has only {width} rows; the student must share the teacher's vocabulary")
+        self.rows = StudentOutputs(model, image_token_id(student_processor), self.vocab_size)
+
+    @torch.no_grad()
+    def targets(self, batch: dict, vision: dict | None, visual: bool = False, relation: bool = False) -> dict:
+        """The teacher's entries for student.train.distill_terms, from one forward on the
+        student's batch (input_ids, attention_mask, labels [B, T]; vision as the student's):
+        target_teacher_logits [N, V] at the rows predicting the N supervised tokens;
+        visual_teacher_logits [M, V] at the M image tokens (visual); relation: one raw
+        teacher relation matrix [n, n] per sample (relation)."""
+        out = self.rows(batch["input_ids"], batch["attention_mask"], batch["labels"], vision, visual, relation)
+        entries = {"target_teacher_logits": out["logits"]}
+        if visual:
+            entries["visual_teacher_logits"] = out["visual_logits"]
+        if relation:
+            entries["relation"] = out["relations"]
+        return entries
