@@ -7,11 +7,14 @@ A step's record, by JSON key (TensorBoard tag in brackets):
 
     step             optimizer step, from 1 (the scalars' x axis)
     epoch            epoch, from 0                                          [progress/epoch]
-    loss             the weighted sum that was back-propagated              [train/loss]
+    loss             the weighted sum of the terms: the function whose
+                     gradient the step applied                              [train/loss]
     ce, kd, visual_kd, relation, moe_aux, dpo | kto_pair, margin
                      each loss term of the stage, unweighted (those the
-                     stage uses; student.train.distill_terms / preference_terms)  [train/<term>]
-    lr               learning rate after the step                           [opt/lr]
+                     stage uses; student.train.distill_terms / preference_terms),
+                     its mean over the step's global batch (all ranks and
+                     micro-batches; student.parallel)                       [train/<term>]
+    lr               the learning rate the step used                        [opt/lr]
     step_s           wall seconds of the step, all its micro-batches        [perf/step_s]
     data_wait        fraction of step_s spent blocked on the data loader    [perf/data_wait]
     samples_per_s    this step's samples (preference: pairs) per second     [perf/samples_per_s]
@@ -55,8 +58,8 @@ class StepClock:
     Iterate the loader through `batches(loader)`; call `lap(samples, tokens)` once per
     optimizer step. Waiting is the time `iter(loader)` (which starts the worker processes)
     and each `next()` block; all the rest (forward, backward, optimizer, logging) is work.
-    On a GPU the loss terms' .item() calls synchronise each micro-step, so the work is
-    measured as run, not as queued.
+    On a GPU the step's logged values (student.parallel.StepMeans.logged) synchronise at
+    its end, so the work is measured as run, not as queued.
     """
 
     def __init__(self, clock: Callable[[], float] = time.perf_counter):

@@ -6,7 +6,8 @@ freeze per stage) -> DeepSpeed engine -> loop (forward, loss terms, backward, st
 The same recipe trains the demo's teacher (no cache, CE only) and every student stage of
 LLaVA-KD and LLaVA-MoD (pipelines/recipe.py chains stages).
 
-objective="distill", loss per step (each term averaged over its rows):
+objective="distill", loss per step (each term averaged over its rows in the global batch of
+the step, all ranks and accumulation micro-batches: student.parallel):
     ce_weight * CE                                  supervised tokens
   + kd_weight * D(teacher || student)               response targets (shifted), top-k or sampled
   + visual_weight * D(teacher || student)           visual targets AT the image tokens (MDist)
@@ -25,7 +26,6 @@ come from the cache rows (storage/).
 from __future__ import annotations
 
 import json
-import math
 import os
 import socket
 import time
@@ -63,6 +63,9 @@ from student.losses import (
 )
 from student.model import TRAINABLE, LlavaArch, build_llava, load_model, output_head, set_trainable
 from student.moe import MoEConfig, moe_aux_loss, moe_param_groups, save_moe, upcycle
+from student.optim import LR_SCHEDULES, OPTIMIZERS, build_optimizer, build_scheduler
+from student.parallel import (DTYPES, ZERO_STAGES, StepMeans, check_zero_stage, deepspeed_config, full_parameters,
+                              micro_batch_groups, per_rank, row_counts, term_rows)
 from student.run_log import RunLog, StepClock
 
 
@@ -95,13 +98,18 @@ class TrainConfig:
     moe: MoEConfig = field(default_factory=MoEConfig)  # experts, top-k, capacity, aux_weight
     epochs: int = 1
     max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
-    batch_size: int = 32  # per rank, per micro-step
+    batch_size: int = 32  # per rank, per micro-step; global batch = batch_size x grad_accum x ranks
     grad_accum: int = 1
+    optimizer: str = "adamw"  # adamw | adam (student.optim)
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
     lr: float = 1e-3
-    warmup_ratio: float = 0.03
+    lr_schedule: str = "cosine"  # cosine | linear | constant, after a linear warmup (student.optim)
+    warmup_ratio: float = 0.03  # warmup steps = max(1, int(warmup_ratio x optimizer steps))
     weight_decay: float = 0.0
     grad_clip: float = 1.0
-    zero_stage: int = 0  # DeepSpeed ZeRO stage (0-2)
+    zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3; MoE students 0-2)
     dtype: str = "float32"  # or "bfloat16"
     max_length: int = 256
     num_workers: int = 1  # data loader processes encoding samples while the step runs
@@ -127,9 +135,10 @@ def setup_distributed() -> tuple[int, int, str]:
                           MASTER_PORT=str(port))
     import deepspeed
 
-    if not cuda and os.environ.get("WORLD_SIZE") == "1":
-        # DeepSpeed compiles a shared-memory all-reduce op for CPU ranks on first use
-        # (~60 s). A single rank never communicates, so mark the op unavailable.
+    if not cuda:
+        # DeepSpeed compiles a shared-memory all-reduce op for CPU ranks on first use (~60 s).
+        # Only its inference all-reduce uses it; training communicates through
+        # torch.distributed (gloo) either way, so mark the op unavailable.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     local = int(os.environ.get("LOCAL_RANK", 0))
@@ -151,6 +160,8 @@ class StudentOutputs(torch.nn.Module):
         tokens, as H (W^T W) H^T (student.losses.relation_matrix; gradients reach H and W).
     vision: the batch's image inputs (pixel_values and the family's image_sizes /
         image_grid_thw, see pipelines.preprocess.VISION_KEYS), or None for text-only batches.
+    The head's weight is used only inside this forward: ZeRO-3 gathers it for this module's
+    forward and backward (student.parallel).
     """
 
     def __init__(self, model, image_token_id: int, vocab_size: int | None = None):
@@ -198,35 +209,38 @@ def _token_kd(logits: torch.Tensor, batch: dict, prefix: str, cfg: "TrainConfig"
                              batch[f"{prefix}_leftover"], cfg.divergence, cfg.kd_leftover)
 
 
-def distill_terms(out: dict, batch: dict, cfg: "TrainConfig") -> tuple[torch.Tensor, dict]:
-    """CE + the weighted KD terms the config turns on; (loss, {term: value})."""
-    ce = cross_entropy(out["logits"], out["targets"])
-    loss, terms = cfg.ce_weight * ce, {"ce": ce.item()}
+def distill_terms(out: dict, batch: dict, cfg: "TrainConfig") -> dict[str, torch.Tensor]:
+    """CE and the KD terms the config turns on, each the mean over its rows in this batch."""
+    terms = {"ce": cross_entropy(out["logits"], out["targets"])}
     if cfg.kd_weight > 0 and ("target_ids" in batch or "target_teacher_logits" in batch):
-        kd = _token_kd(out["logits"], batch, "target", cfg)
-        loss, terms["kd"] = loss + cfg.kd_weight * kd, kd.item()
+        terms["kd"] = _token_kd(out["logits"], batch, "target", cfg)
     if cfg.visual_weight > 0:
-        vkd = _token_kd(out["visual_logits"], batch, "visual", cfg)
-        loss, terms["visual_kd"] = loss + cfg.visual_weight * vkd, vkd.item()
+        terms["visual_kd"] = _token_kd(out["visual_logits"], batch, "visual", cfg)
     if cfg.relation_weight > 0:
-        rel = relation_loss(out["relations"], list(batch["relation"]), cfg.relation_pooling)
-        loss, terms["relation"] = loss + cfg.relation_weight * rel, rel.item()
-    return loss, terms
+        terms["relation"] = relation_loss(out["relations"], list(batch["relation"]), cfg.relation_pooling)
+    return terms
 
 
-def preference_terms(out: dict, batch: dict, cfg: "TrainConfig") -> tuple[torch.Tensor, dict]:
+def preference_terms(out: dict, batch: dict, cfg: "TrainConfig") -> dict[str, torch.Tensor]:
     """DPO / KTO-pair on the summed answer log-probs (2P sequences: chosen, then rejected)
-    with the teacher's cached log-probs as the reference; + ce_weight * CE on the chosen."""
+    with the teacher's cached log-probs as the reference, the mean log-prob margin (a
+    metric), and CE on the chosen answers if ce_weight > 0."""
     p = batch["ref_chosen"].shape[0]
     seq = sequence_logprobs(out["logits"], out["targets"], out["rows_sample"], 2 * p)
-    loss = preference_loss(seq[:p], seq[p:], batch["ref_chosen"], batch["ref_rejected"], cfg.preference_loss,
-                           cfg.beta)
-    terms = {cfg.preference_loss: loss.item(), "margin": (seq[:p] - seq[p:]).mean().item()}
+    terms = {cfg.preference_loss: preference_loss(seq[:p], seq[p:], batch["ref_chosen"], batch["ref_rejected"],
+                                                  cfg.preference_loss, cfg.beta),
+             "margin": (seq[:p] - seq[p:]).mean().detach()}
     if cfg.ce_weight > 0:
         chosen = out["rows_sample"] < p
-        ce = cross_entropy(out["logits"][chosen], out["targets"][chosen])
-        loss, terms["ce"] = loss + cfg.ce_weight * ce, ce.item()
-    return loss, terms
+        terms["ce"] = cross_entropy(out["logits"][chosen], out["targets"][chosen])
+    return terms
+
+
+def term_weights(cfg: "TrainConfig") -> dict[str, float]:
+    """The weight of each loss term in the training loss (terms not listed are metrics)."""
+    objective = {cfg.preference_loss: 1.0} if cfg.objective == "preference" else {
+        "kd": cfg.kd_weight, "visual_kd": cfg.visual_weight, "relation": cfg.relation_weight}
+    return {"ce": cfg.ce_weight, **objective, "moe_aux": cfg.moe.aux_weight}
 
 
 def used_record_kinds(cfg: "TrainConfig") -> tuple[str, ...]:
@@ -245,7 +259,9 @@ def check_config(cfg: "TrainConfig") -> None:
     """Refuse option values and combinations the recipe cannot honour, before any work."""
     for name, allowed in (("objective", ("distill", "preference")), ("trainable", TRAINABLE),
                           ("divergence", DIVERGENCES), ("kd_leftover", LEFTOVER_MODES),
-                          ("relation_pooling", RELATION_POOLING), ("preference_loss", PREFERENCE_LOSSES)):
+                          ("relation_pooling", RELATION_POOLING), ("preference_loss", PREFERENCE_LOSSES),
+                          ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("zero_stage", ZERO_STAGES),
+                          ("dtype", DTYPES)):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name} {getattr(cfg, name)!r}: choose one of {allowed}")
     if cfg.online_teacher and cfg.cache:
@@ -261,6 +277,8 @@ def check_config(cfg: "TrainConfig") -> None:
         raise ValueError("keep_encoded applies to objective=distill only")
     if cfg.keep_encoded and cfg.num_workers:
         raise ValueError("keep_encoded needs num_workers=0: worker processes cannot hand encodings back")
+    if cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise ValueError(f"batch_size {cfg.batch_size} and grad_accum {cfg.grad_accum} must be at least 1")
     if cfg.upcycle and not cfg.init_from:
         raise ValueError("upcycle starts from a trained dense model: set init_from")
 
@@ -273,13 +291,6 @@ def describe_terms(cfg: "TrainConfig") -> str:
     w = {"ce": cfg.ce_weight, "kd": cfg.kd_weight, "visual": cfg.visual_weight, "relation": cfg.relation_weight}
     source = cfg.cache or f"the resident teacher {cfg.online_teacher} (online, full vocabulary)"
     return " + ".join(f"{v:g}*{k}" for k, v in w.items() if v > 0) + f" ({cfg.divergence}) from {source}"
-
-
-def lr_lambda(step: int, total: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to 0 (the seed recipes' schedule)."""
-    if step < warmup:
-        return (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
@@ -320,6 +331,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if cfg.upcycle:
         model = upcycle(model, cfg.moe)
     is_moe = getattr(model.config, "mmkd_moe", None) is not None
+    check_zero_stage(cfg.zero_stage, is_moe)
     if cache is not None:
         check_student_vocab(cache, model, getattr(dataset, "max_target_id", None))
     n_params = sum(p.numel() for p in model.parameters())
@@ -333,51 +345,45 @@ def train(cfg: TrainConfig, log=print) -> dict:
     wrapped = StudentOutputs(model, image_token_id(processor), vocab).train()
     groups = (moe_param_groups(model, cfg.lr, cfg.weight_decay) if is_moe
               else [{"params": [p for p in model.parameters() if p.requires_grad]}])
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warmup = max(1, int(cfg.warmup_ratio * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_lambda, total=total_steps, warmup=warmup))
-    ds_config = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "bf16": {"enabled": cfg.dtype == "bfloat16"},
-        "steps_per_print": 1 << 30,
-    }
+    optimizer = build_optimizer(groups, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
     engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=ds_config)
-    log(f"[train] {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable: {cfg.trainable}"
-        f"{', MoE' if is_moe else ''}), {len(dataset)} {'pairs' if preference else 'samples'}, world {world}, "
-        f"{total_steps} steps, {describe_terms(cfg)}")
+                                           config=deepspeed_config(cfg))
+    if rank == 0:
+        log(f"[train] {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable: {cfg.trainable}"
+            f"{', MoE' if is_moe else ''}), {len(dataset)} {'pairs' if preference else 'samples'}, world {world}, "
+            f"{total_steps} steps, {describe_terms(cfg)}")
 
-    # Loop.
+    # Loop: an optimizer step takes grad_accum micro-batches per rank; every loss term is a
+    # mean over the step's global batch (student.parallel.StepMeans), logged as such.
     run_log = RunLog(out_dir, total_steps, cfg.log_every, cfg.tensorboard, log) if rank == 0 else None
     clock = StepClock()
-    step, t0, tokens, last = 0, time.time(), 0, {}
+    terms_of = preference_terms if preference else distill_terms
+    rows, weights, img = term_rows(cfg.relation_pooling), term_weights(cfg), image_token_id(processor)
+    step, micro_batches, t0, tokens, last = 0, 0, time.time(), 0, {}
     for epoch in range(cfg.epochs):
         batches = rank_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch)
         loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
                                              prefetch_factor=4 if cfg.num_workers else None, collate_fn=collate_fn)
-        for batch in clock.batches(loader):
-            batch = {k: v.to(device) for k, v in batch.items()}
-            vision = vision_inputs(batch, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
-            if teacher is not None:
-                batch.update(teacher.targets(batch, vision, cfg.visual_weight > 0, cfg.relation_weight > 0))
-            out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], vision,
-                         visual=cfg.visual_weight > 0, relation=cfg.relation_weight > 0)
-            loss, terms = (preference_terms if preference else distill_terms)(out, batch, cfg)
-            if is_moe and cfg.moe.aux_weight > 0:
-                aux = moe_aux_loss(model)
-                loss = loss + cfg.moe.aux_weight * aux
-                terms["moe_aux"] = aux.item()
-            targets = out["targets"]
-            engine.backward(loss)
-            engine.step()
-            tokens += int(targets.numel())
-            if not engine.is_gradient_accumulation_boundary():
-                continue
+        for group in micro_batch_groups(clock.batches(loader), cfg.grad_accum):
+            means = StepMeans([row_counts(b, img, preference) for b in group], rows, weights, device)
+            lr = scheduler.get_last_lr()[0]  # this step's: DeepSpeed advances the schedule after the step
+            for i, batch in enumerate(group):
+                batch = {k: v.to(device) for k, v in batch.items()}
+                vision = vision_inputs(batch, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
+                if teacher is not None:
+                    batch.update(teacher.targets(batch, vision, cfg.visual_weight > 0, cfg.relation_weight > 0))
+                out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], vision,
+                             visual=cfg.visual_weight > 0, relation=cfg.relation_weight > 0)
+                terms = terms_of(out, batch, cfg)
+                if is_moe and cfg.moe.aux_weight > 0:
+                    terms["moe_aux"] = moe_aux_loss(model)
+                engine.backward(means.loss(i, terms))
+                engine.step()
+                tokens += int(out["targets"].numel())
+            micro_batches += len(group)
             step += 1
-            last = {"step": step, "epoch": epoch, "loss": loss.item(), **terms, "lr": scheduler.get_last_lr()[0],
+            last = {"step": step, "epoch": epoch, **means.logged(), "lr": lr,
                     **clock.lap(samples=cfg.batch_size * cfg.grad_accum, tokens=tokens)}
             tokens = 0
             if run_log:
@@ -386,13 +392,17 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 break
         if step >= total_steps:
             break
+    per_rank_batches = per_rank(micro_batches, device)  # the same on every rank (DESIGN invariant 7)
+    if rank == 0:
+        log(f"[train] micro-batches per rank: {per_rank_batches}")
 
     # Save an ordinary Hugging Face model folder (loadable with from_pretrained).
     summary = {"steps": step, "wall_s": round(time.time() - t0, 1), "final": last, "params": n_params,
-               "config": asdict(cfg)}
-    if rank == 0:
-        run_log.close()
-        save_moe(model, out_dir) if is_moe else model.save_pretrained(out_dir)
-        processor.save_pretrained(out_dir)
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+               "micro_batches_per_rank": per_rank_batches, "config": asdict(cfg)}
+    with full_parameters(model, cfg.zero_stage):  # ZeRO-3: every rank takes part in the gather
+        if rank == 0:
+            run_log.close()
+            save_moe(model, out_dir) if is_moe else model.save_pretrained(out_dir)
+            processor.save_pretrained(out_dir)
+            (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
     return summary

@@ -1,0 +1,169 @@
+"""Data parallelism for the training recipe: loss terms as means over the GLOBAL batch,
+the DeepSpeed config (ZeRO stage, bf16, accumulation), and what ZeRO-3 needs.
+
+The global batch of one optimizer step is every rank's grad_accum micro-batches:
+batch_size x grad_accum x world samples. DeepSpeed turns the micro-losses into a gradient as
+
+    grad = 1/W sum_r 1/G sum_m d loss[r, m]       (W ranks, G = grad_accum micro-batches)
+
+(its backward divides each micro-loss by G, its all-reduce averages over the W ranks). A
+term that is a mean over its rows (CE and response KD over supervised tokens, visual KD
+over image tokens, per-sample RDist over samples) has mean[r, m] = S[r, m] / n[r, m] with a
+row count n that differs between micro-batches, so the mean of those means is not the mean
+over the global batch. StepMeans counts each term's rows in the step's micro-batches,
+all-reduces the counts (one small tensor per step) to N = sum_{r,m} n[r, m], and makes the
+micro-loss
+
+    loss[r, m] = mean[r, m] * n[r, m] * W * G / N
+
+so that grad = d (sum_{r,m} S[r, m]) / N: the gradient of the global mean, the same for
+any split of the global batch over ranks and micro-batches (tested: 2 ranks x batch B and
+1 rank x B x grad_accum 2 give 1 rank x 2B's loss curve).
+
+Terms that are not a sum over rows keep their per-micro-batch mean (factor 1), so they are
+the mean over the W x G micro-batches: RDist with relation_pooling "batch" (one cosine over
+the micro-batch), the MoE load-balancing loss (per-batch routing statistics), and the
+preference losses (a mean over pairs, which every micro-batch has equally many of; exact
+for DPO, while KTO-pair's KL baselines are micro-batch means).
+
+ZeRO-3 keeps 1/W of each parameter on each rank and gathers a module's parameters for its
+forward and backward. StudentOutputs applies the output head's weight itself (F.linear on
+the rows the losses use, W^T W for the relations) rather than calling the head module;
+DeepSpeed (0.19.8) registers a parameter read inside a module's forward as an "external
+parameter" of that module (its parameter-dict getter), so the head is gathered for the
+wrapper's forward and backward without code here (tested: stage 3 with every parameter
+partitioned gives stage 0's loss curve and weights). Saving gathers the whole model
+(full_parameters).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+from pipelines.preprocess import IGNORE_INDEX
+
+ROW_KINDS = ("tokens", "image_tokens", "samples")
+ZERO_STAGES = (0, 1, 2, 3)
+DTYPES = ("float32", "bfloat16")
+
+
+def term_rows(relation_pooling: str) -> dict[str, str]:
+    """The loss terms that are means over rows, and the row kind (ROW_KINDS) of each."""
+    rows = {"ce": "tokens", "kd": "tokens", "visual_kd": "image_tokens"}
+    if relation_pooling == "sample":
+        rows["relation"] = "samples"
+    return rows
+
+
+def row_counts(batch: dict, image_token_id: int, preference: bool = False) -> torch.Tensor:
+    """float64 [len(ROW_KINDS)]: one micro-batch's supervised tokens (of the chosen answers
+    for preference batches, which the CE term covers), image tokens, and samples."""
+    labels = batch["labels"]
+    if preference:
+        labels = labels[: batch["ref_chosen"].shape[0]]  # the P chosen sequences come first
+    image = (batch["input_ids"] == image_token_id) & batch["attention_mask"].bool()
+    return torch.tensor([int((labels != IGNORE_INDEX).sum()), int(image.sum()), batch["input_ids"].shape[0]],
+                        dtype=torch.float64)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def _all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if _world() > 1:
+        dist.all_reduce(t)
+    return t
+
+
+class StepMeans:
+    """One optimizer step's loss terms as means over the global batch (module docstring).
+
+    counts: row_counts() of this rank's G micro-batches of the step (all-reduced here, a
+    collective: every rank constructs one per step). rows: term_rows(). weights: the loss
+    weight of each term; terms without a weight are logged only (metrics).
+    """
+
+    def __init__(self, counts: list[torch.Tensor], rows: dict[str, str], weights: dict[str, float],
+                 device: str | torch.device):
+        self.k = _world() * len(counts)  # DeepSpeed averages this many micro-losses
+        local = torch.stack(counts).to(device)  # [G, len(ROW_KINDS)]
+        total = _all_reduce_sum(local.sum(0)).clamp_min(1)  # no rows anywhere: the term is 0 anyway
+        self.scales = [dict(zip(ROW_KINDS, (c * self.k / total).tolist())) for c in local]
+        self.rows, self.weights = rows, weights
+        self.sums: dict[str, torch.Tensor] = {}  # this rank's share of each global value
+
+    def loss(self, i: int, terms: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss to backward for micro-batch i, from its terms (each the mean over the
+        micro-batch's rows); remembers the terms' shares of the logged global values."""
+        loss = 0.0
+        for name, value in terms.items():
+            scale = self.scales[i][self.rows[name]] if name in self.rows else 1.0
+            if name in self.weights:
+                loss = loss + self.weights[name] * scale * value
+            share = value.detach().double() * (scale / self.k)
+            self.sums[name] = self.sums[name] + share if name in self.sums else share
+        return loss
+
+    def logged(self) -> dict[str, float]:
+        """The step's global term values (every rank gets the same; a collective) and
+        "loss", their weighted sum: the function whose gradient the step applied."""
+        names = list(self.sums)
+        values = _all_reduce_sum(torch.stack([self.sums[n] for n in names])).tolist()
+        out = dict(zip(names, values))
+        return {"loss": sum(self.weights[n] * v for n, v in out.items() if n in self.weights), **out}
+
+
+def micro_batch_groups(loader, grad_accum: int):
+    """The loader's batches in lists of grad_accum (one optimizer step each); an incomplete
+    last group is dropped, so a step never spans two epochs."""
+    group = []
+    for batch in loader:
+        group.append(batch)
+        if len(group) == grad_accum:
+            yield group
+            group = []
+
+
+def per_rank(value: int, device: str | torch.device) -> list[int]:
+    """value from every rank, in rank order (a collective)."""
+    if _world() == 1:
+        return [value]
+    mine = torch.tensor([value], device=device)
+    out = [torch.zeros_like(mine) for _ in range(_world())]
+    dist.all_gather(out, mine)
+    return [int(t) for t in out]
+
+
+def deepspeed_config(cfg) -> dict:
+    """The DeepSpeed config of a TrainConfig: micro-batch per rank, accumulation, clipping,
+    ZeRO stage, bf16 (the optimizer and schedule are torch objects, student.optim)."""
+    return {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "bf16": {"enabled": cfg.dtype == "bfloat16"},
+        "steps_per_print": 1 << 30,
+    }
+
+
+def check_zero_stage(zero_stage: int, is_moe: bool) -> None:
+    """Refuse what DeepSpeed cannot train: its MoE layer under ZeRO-3."""
+    if is_moe and zero_stage == 3:
+        raise ValueError("zero_stage 3 cannot train an MoE student: DeepSpeed's MoE layer (deepspeed.moe.layer.MoE) "
+                         "is not supported with ZeRO stage 3. Use zero_stage 1 or 2 (they shard the optimizer "
+                         "state and gradients, the experts' included)")
+
+
+def full_parameters(model, zero_stage: int):
+    """A context in which the model's parameters are whole on every rank (ZeRO-3 keeps a
+    1/W slice of each), e.g. to save it. Under ZeRO-3 a collective: every rank enters."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
