@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from pipelines.inputs import read_config_inputs
 from pipelines.preprocess import IGNORE_INDEX, VISION_KEYS, image_token_id
 from storage.reader import TeacherCache
+from student import checkpoint
 from student.data import (
     DistillDataset,
     PreferenceDataset,
@@ -102,6 +103,9 @@ class TrainConfig:
     keep_encoded: bool = False  # keep encoded samples in memory (small data, many epochs; needs num_workers=0)
     seed: int = 0
     log_every: int = 50
+    save_every: int = 200  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    resume: bool = True  # continue from output_dir's latest checkpoint (false: start over, deleting them)
 
 
 def setup_distributed() -> tuple[int, int, str]:
@@ -247,6 +251,9 @@ def check_config(cfg: "TrainConfig") -> None:
         raise ValueError("keep_encoded needs num_workers=0: worker processes cannot hand encodings back")
     if cfg.upcycle and not cfg.init_from:
         raise ValueError("upcycle starts from a trained dense model: set init_from")
+    if cfg.save_every < 0 or cfg.keep_checkpoints < 1:
+        raise ValueError(f"save_every {cfg.save_every} must be >= 0 (0 = no checkpoints) and keep_checkpoints "
+                         f"{cfg.keep_checkpoints} >= 1")
 
 
 def describe_terms(cfg: "TrainConfig") -> str:
@@ -275,6 +282,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    finished, resume_from = checkpoint.find_resume(cfg, world, rank, log)
+    if finished is not None:
+        return finished
 
     # Data: the samples re-encoded by the student's processor, joined with cached targets.
     processor = AutoProcessor.from_pretrained(cfg.processor)
@@ -327,15 +337,20 @@ def train(cfg: TrainConfig, log=print) -> dict:
         f"{', MoE' if is_moe else ''}), {len(dataset)} {'pairs' if preference else 'samples'}, world {world}, "
         f"{total_steps} steps, {describe_terms(cfg)}")
 
-    # Loop.
-    log_path = out_dir / "train_log.jsonl"
-    log_file = open(log_path, "w") if rank == 0 else None
-    step, t0, tokens, last = 0, time.time(), 0, {}
-    for epoch in range(cfg.epochs):
+    # Loop (from the checkpoint's position when resuming).
+    pos = checkpoint.restore(engine, resume_from, out_dir, rank, log)
+    log_path = out_dir / checkpoint.LOG
+    log_file = open(log_path, "a", buffering=1) if rank == 0 else None  # line-buffered: on disk before a checkpoint
+    step, t0, tokens, last = pos.step, time.time() - pos.wall_s, pos.tokens, {}
+    for epoch in range(pos.epoch, cfg.epochs):
         batches = rank_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                             prefetch_factor=4 if cfg.num_workers else None, collate_fn=collate_fn)
-        for batch in loader:
+        skip = pos.batch if epoch == pos.epoch else 0  # micro-batches consumed before the checkpoint
+        # The loader draws its workers' base seed from its own generator, not the global RNG,
+        # so the global stream (MoE gate sampling, dropout) is the same after a resume.
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[skip:], num_workers=cfg.num_workers,
+                                             prefetch_factor=4 if cfg.num_workers else None, collate_fn=collate_fn,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
+        for consumed, batch in enumerate(loader, start=skip + 1):
             batch = {k: v.to(device) for k, v in batch.items()}
             vision = vision_inputs(batch, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
             out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], vision,
@@ -361,6 +376,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 log(f"[train] step {step}/{total_steps} loss {loss.item():.4f} ({parts}) "
                     f"lr {last['lr']:.2e} {last['tokens_per_s']:.0f} sup-tok/s "
                     f"elapsed {time.time() - t0:.0f}s")
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                checkpoint.save(engine, cfg, checkpoint.Position(step, epoch, consumed, tokens, time.time() - t0),
+                                rank, world)
             if step >= total_steps:
                 break
         if step >= total_steps:
@@ -373,5 +391,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
         log_file.close()
         save_moe(model, out_dir) if is_moe else model.save_pretrained(out_dir)
         processor.save_pretrained(out_dir)
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+        checkpoint.write_atomic(out_dir / checkpoint.SUMMARY, json.dumps(summary, indent=1))
+        checkpoint.remove_checkpoints(out_dir)
     return summary
