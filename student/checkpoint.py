@@ -218,11 +218,17 @@ def save(engine, cfg, pos: Position, rank: int, world: int) -> Path:
                 os.fsync(fh.fileno())
     torch.distributed.barrier()  # every rank's files are written
     if rank == 0:
-        state = {"position": asdict(pos), "world_size": world, "config": asdict(cfg)}
-        write_atomic(folder / STATE, json.dumps(state, indent=1))
+        mark_complete(folder, cfg, pos, world)
         for old in complete_checkpoints(Path(cfg.output_dir))[:-cfg.keep_checkpoints]:
             _remove(old)
     return folder
+
+
+def mark_complete(folder: Path, cfg, pos: Position, world: int) -> None:
+    """Write the checkpoint folder's trainer_state.json (atomically): from now on it is
+    loaded. Called once every rank's files in it are on disk."""
+    state = {"position": asdict(pos), "world_size": world, "config": asdict(cfg)}
+    write_atomic(folder / STATE, json.dumps(state, indent=1))
 
 
 def remove_checkpoints(out_dir: Path) -> None:
