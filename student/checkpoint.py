@@ -21,9 +21,10 @@ optimizer, scheduler and RNG states are restored, and the epoch's deterministic 
 (student.data.rank_batches) is sliced after the micro-batches already consumed, so nothing
 is re-read and the loss curve continues as if the run had never stopped.
 
-Loading runs no code of ours: our files are JSON. DeepSpeed's files are torch pickles, and
-DeepSpeed loads them with torch.load(weights_only=False) (its TorchCheckpointEngine); they
-are this run's own files in its own output folder.
+Loading runs no code: our files are JSON. DeepSpeed's files are torch pickles, which its
+TorchCheckpointEngine opens with torch.load(weights_only=False); restore() forces weights-only
+loading around it (TORCH_FORCE_WEIGHTS_ONLY_LOAD), allowing only the few plain DeepSpeed
+classes its ZeRO optimizer state holds (SAFE_DEEPSPEED_CLASSES).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import json
 import os
 import random
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -127,11 +129,8 @@ def find_resume(cfg, world: int, rank: int, log=print) -> tuple[dict | None, Pat
             shutil.rmtree(out_dir / CHECKPOINTS, ignore_errors=True)
             (out_dir / SUMMARY).unlink(missing_ok=True)
         return None, None
-    try:
+    if (out_dir / SUMMARY).exists():
         summary = json.loads((out_dir / SUMMARY).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):  # not finished (or killed while writing it)
-        summary = None
-    if summary is not None:
         check_same_run(summary["config"], cfg, f"the finished run in {out_dir}")
         log(f"[train] {out_dir} holds a finished run ({summary['steps']} steps): not training again "
             "(resume=false retrains)")
@@ -174,6 +173,33 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(torch.tensor(state["cuda"], dtype=torch.uint8))
 
 
+# (module, class) of the non-tensor objects in DeepSpeed 0.19's checkpoint files (ZeRO 1/2
+# optimizer state): data holders without code of their own.
+SAFE_DEEPSPEED_CLASSES = (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+                          ("deepspeed.utils.tensor_fragment", "fragment_address"),
+                          ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+                          ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"))
+
+
+@contextmanager
+def _weights_only_loading():
+    """Every torch.load inside loads weights only (tensors, containers and the
+    SAFE_DEEPSPEED_CLASSES), also where the caller (DeepSpeed) asks for weights_only=False."""
+    import importlib
+
+    allowed = [getattr(importlib.import_module(m), name) for m, name in SAFE_DEEPSPEED_CLASSES]
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(allowed):
+            yield
+    finally:
+        if before is None:
+            del os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"]
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
+
+
 def restore(engine, folder: Path | None, out_dir: Path, rank: int, log=print) -> Position:
     """Load the checkpoint `folder` (from find_resume; None = a fresh start) into the
     DeepSpeed engine and this process's RNGs, and cut out_dir's train_log.jsonl back to its
@@ -181,8 +207,9 @@ def restore(engine, folder: Path | None, out_dir: Path, rank: int, log=print) ->
     continue from."""
     pos, kept = Position(), []
     if folder is not None:
-        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
+        with _weights_only_loading():
+            load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name, load_optimizer_states=True,
+                                                  load_lr_scheduler_states=True)
         if load_path is None:
             raise ConfigError(f"{folder}: DeepSpeed found no checkpoint files in this complete checkpoint; delete "
                               "the folder to resume from the one before, or resume=false")

@@ -56,3 +56,30 @@ def teacher_dir(tmp_path_factory, processor):
     model.save_pretrained(d)
     processor.save_pretrained(d)
     return d
+
+
+@pytest.fixture(scope="session")
+def small_cache(teacher_dir, demo_dir, tmp_path_factory):
+    """A top-k (k=4) response cache of the demo train split, written by the tiny teacher
+    without Ray (extraction + writer directly)."""
+    from pipelines.preprocess import collate, encode_sample, image_token_id
+    from pipelines.samples import load_image, read_llava
+    from storage.manifest import Manifest
+    from storage.writer import CacheWriter
+    from teacher_cache.extract import extract_rows, to_device
+    from teacher_cache.teacher import load_teacher
+
+    out = tmp_path_factory.mktemp("cache")
+    model, processor = load_teacher(str(teacher_dir), "float32", "cpu")
+    samples = read_llava(demo_dir / "train.json")
+    m = Manifest(teacher={"path": str(teacher_dir), "weights_sha256": "x", "dtype": "float32"},
+                 processor={"image_token_id": image_token_id(processor)}, vocab_size=len(processor.tokenizer),
+                 extraction={"mode": "topk", "k": 4, "temperature": 1.0, "record_kinds": ["response"]})
+    w = CacheWriter(str(out), m, rows_per_shard=16)
+    for i in range(0, len(samples), 8):
+        chunk = samples[i:i + 8]
+        enc = [encode_sample(processor, s, load_image(demo_dir, s), 256) for s in chunk]
+        batch = to_device(collate(enc, processor.tokenizer.pad_token_id), "cpu", torch.float32)
+        w.add(extract_rows(model, batch, [s.id for s in chunk], image_token_id(processor), "topk", 4))
+    w.close(complete=True)
+    return out

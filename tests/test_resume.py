@@ -24,7 +24,6 @@ from pipelines.config import ConfigError
 from student import checkpoint
 from student.train import TrainConfig, train
 from tests.conftest import TINY
-from tests.test_student import small_cache  # noqa: F401  (fixture: a top-k response cache of the demo train split)
 
 REPO = Path(__file__).resolve().parents[1]
 # a fresh single-rank process each time: not the rendezvous settings this test process may hold
@@ -63,7 +62,7 @@ def _latest_step(out: Path) -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("student", ["dense", "moe"])
-def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, demo_dir, processor_dir,  # noqa: F811
+def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, demo_dir, processor_dir,
                                                         teacher_dir, tmp_path):
     """3 epochs of 10 steps, CE + response KD, one loader process, a checkpoint every 3 steps
     (never at an epoch boundary). The MoE student (upcycled from the tiny teacher, top-2

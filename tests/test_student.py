@@ -8,36 +8,15 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from pipelines.preprocess import collate, encode_sample, image_token_id
+from pipelines.preprocess import collate, encode_sample
 from pipelines.samples import load_image, read_llava
 from storage.manifest import Manifest
 from storage.reader import TeacherCache
-from storage.writer import CacheWriter
 from student.data import AlignmentError, DistillDataset, collate_items, rank_batches
 from student.evaluate import evaluate
 from student.train import TrainConfig, train
-from teacher_cache.extract import extract_rows, to_device
 from teacher_cache.teacher import load_teacher
 from tests.conftest import TINY
-
-
-@pytest.fixture(scope="module")
-def small_cache(teacher_dir, demo_dir, tmp_path_factory):
-    """A cache of the train split written without Ray (extraction + writer directly)."""
-    out = tmp_path_factory.mktemp("cache")
-    model, processor = load_teacher(str(teacher_dir), "float32", "cpu")
-    samples = read_llava(demo_dir / "train.json")
-    m = Manifest(teacher={"path": str(teacher_dir), "weights_sha256": "x", "dtype": "float32"},
-                 processor={"image_token_id": image_token_id(processor)}, vocab_size=len(processor.tokenizer),
-                 extraction={"mode": "topk", "k": 4, "temperature": 1.0, "record_kinds": ["response"]})
-    w = CacheWriter(str(out), m, rows_per_shard=16)
-    for i in range(0, len(samples), 8):
-        chunk = samples[i:i + 8]
-        enc = [encode_sample(processor, s, load_image(demo_dir, s), 256) for s in chunk]
-        batch = to_device(collate(enc, processor.tokenizer.pad_token_id), "cpu", torch.float32)
-        w.add(extract_rows(model, batch, [s.id for s in chunk], image_token_id(processor), "topk", 4))
-    w.close(complete=True)
-    return out
 
 
 def test_items_carry_aligned_targets(small_cache, demo_dir, processor):
