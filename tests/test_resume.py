@@ -73,7 +73,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, de
               save_every=3, keep_checkpoints=2)
     if student == "moe":
         kw.update(init_from=str(teacher_dir), upcycle=True, trainable="moe",
-                  moe=dataclasses.replace(TrainConfig().moe, num_experts=2, every=1))
+                  moe=dataclasses.replace(TrainConfig().moe, every=1))
     ref = TrainConfig(output_dir=str(tmp_path / "uninterrupted"), **kw)
     cfg = TrainConfig(output_dir=str(tmp_path / "killed"), **kw)
     out = Path(cfg.output_dir)
