@@ -361,10 +361,12 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 loss = loss + cfg.moe.aux_weight * aux
                 terms["moe_aux"] = aux.item()
             targets = out["targets"]
+            # asked before step(): afterwards DeepSpeed answers for the next micro-batch
+            boundary = engine.is_gradient_accumulation_boundary()
             engine.backward(loss)
             engine.step()
             tokens += int(targets.numel())
-            if not engine.is_gradient_accumulation_boundary():
+            if not boundary:
                 continue
             step += 1
             last = {"step": step, "epoch": epoch, "loss": loss.item(), **terms,

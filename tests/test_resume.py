@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**{k: v for k, v in os.environ.items()
           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")},
        "PYTHONPATH": str(REPO)}
-STEPS_PER_EPOCH = 10  # 40 demo training samples, batch_size 4
+STEPS_PER_EPOCH = 10  # 40 demo training samples, 4 per optimizer step
 
 
 def _flags(cfg: TrainConfig) -> list[str]:
@@ -64,15 +64,16 @@ def _latest_step(out: Path) -> int:
 @pytest.mark.parametrize("student", ["dense", "moe"])
 def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, demo_dir, processor_dir,
                                                         teacher_dir, tmp_path):
-    """2 epochs of 10 steps, CE + response KD, one loader process, a checkpoint every 3 steps
-    (never at an epoch boundary). The MoE student (upcycled from the tiny teacher, top-2
-    with Gumbel sampling of the second expert) draws from the torch RNG every step, so its
-    curve continues only if the RNG states are restored."""
+    """2 epochs of 10 optimizer steps, CE + response KD, one loader process, a checkpoint
+    every 3 steps (never at an epoch boundary). The dense student accumulates 2 micro-batches
+    per step. The MoE student (upcycled from the tiny teacher, 4 experts, top-2) draws from
+    the torch RNG every step (second expert sampled, random token selection over capacity),
+    so its curve continues only if the RNG states are restored."""
     kw = dict(data=str(demo_dir / "train.json"), image_root=str(demo_dir), processor=str(processor_dir),
-              cache=str(small_cache), arch=TINY, epochs=2, batch_size=4, lr=3e-3, num_workers=1, log_every=1000,
-              save_every=3, keep_checkpoints=2)
+              cache=str(small_cache), arch=TINY, epochs=2, batch_size=2, grad_accum=2, lr=3e-3, num_workers=1,
+              log_every=1000, save_every=3, keep_checkpoints=2)
     if student == "moe":
-        kw.update(init_from=str(teacher_dir), upcycle=True, trainable="moe",
+        kw.update(init_from=str(teacher_dir), upcycle=True, trainable="moe", batch_size=4, grad_accum=1,
                   moe=dataclasses.replace(TrainConfig().moe, every=1))
     ref = TrainConfig(output_dir=str(tmp_path / "uninterrupted"), **kw)
     cfg = TrainConfig(output_dir=str(tmp_path / "killed"), **kw)
@@ -99,7 +100,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, de
     # The same command again: it continues from that checkpoint to the end.
     assert _run(cfg, tmp_path / "resumed.txt").wait(timeout=120) == 0, (tmp_path / "resumed.txt").read_text()[-3000:]
     text = (tmp_path / "resumed.txt").read_text()
-    epoch, batch = divmod(resumed_at, STEPS_PER_EPOCH)
+    epoch, steps_in_epoch = divmod(resumed_at, STEPS_PER_EPOCH)
+    batch = steps_in_epoch * cfg.grad_accum  # micro-batches
     assert f"[train] resuming from step {resumed_at} (epoch {epoch}, batch {batch})" in text
 
     assert _log(out) == _log(Path(ref.output_dir))  # every step: loss, each term, lr
