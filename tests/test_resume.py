@@ -79,10 +79,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, de
     cfg = TrainConfig(output_dir=str(tmp_path / "killed"), **kw)
     out = Path(cfg.output_dir)
 
-    assert _run(ref, tmp_path / "ref.txt").wait(timeout=120) == 0, (tmp_path / "ref.txt").read_text()[-3000:]
-    assert len(_log(Path(ref.output_dir))) == 2 * STEPS_PER_EPOCH
-
+    # The uninterrupted run and the one to kill start together (their start-ups overlap).
     # Kill once a checkpoint exists and the log has gone past it (those lines are redone).
+    uninterrupted = _run(ref, tmp_path / "ref.txt")
     proc = _run(cfg, tmp_path / "killed.txt")
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:
@@ -96,6 +95,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, de
     resumed_at = _latest_step(out)
     assert 0 < resumed_at < 2 * STEPS_PER_EPOCH and resumed_at % STEPS_PER_EPOCH  # mid-epoch
     assert len(checkpoint.complete_checkpoints(out)) <= cfg.keep_checkpoints
+    assert uninterrupted.wait(timeout=120) == 0, (tmp_path / "ref.txt").read_text()[-3000:]
+    assert len(_log(Path(ref.output_dir))) == 2 * STEPS_PER_EPOCH
 
     # The same command again: it continues from that checkpoint to the end.
     assert _run(cfg, tmp_path / "resumed.txt").wait(timeout=120) == 0, (tmp_path / "resumed.txt").read_text()[-3000:]
