@@ -56,7 +56,8 @@ class Position:
 
     step: optimizer steps done; epoch: the epoch the step is in; batch: micro-batches of that
     epoch's batch list (this rank's, from rank_batches) consumed; tokens: supervised tokens
-    trained on so far (this rank); wall_s: seconds spent training so far.
+    trained on so far (rank 0's count, the one the log reports); wall_s: seconds spent
+    training so far.
     """
 
     step: int = 0
@@ -88,8 +89,8 @@ def check_same_run(saved: dict, cfg, what: str) -> None:
             for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     if diff:
         raise ConfigError(f"{what} was made with another config ({'; '.join(diff)}); it cannot be continued "
-                          f"with this one. Use a new output_dir, or resume=false (--resume false) to start over "
-                          f"in {cfg.output_dir} (its checkpoints are deleted)")
+                          f"with this one. Use a new output_dir, or resume=false (--resume false) to train from step 0 "
+                          f"in {cfg.output_dir}, replacing its run")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -174,11 +175,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 # (module, class) of the non-tensor objects in DeepSpeed 0.19's checkpoint files (ZeRO 1/2
-# optimizer state): data holders without code of their own.
+# optimizer state, fp32 and bf16): data holders without code of their own. A DeepSpeed that
+# pickles another class fails to resume with torch's UnpicklingError naming it.
 SAFE_DEEPSPEED_CLASSES = (("deepspeed.runtime.zero.config", "ZeroStageEnum"),
                           ("deepspeed.utils.tensor_fragment", "fragment_address"),
-                          ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
-                          ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"))
+                          ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"))
 
 
 @contextmanager
