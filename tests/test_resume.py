@@ -165,3 +165,20 @@ def test_rng_states_round_trip_through_json():
     draws()
     checkpoint._set_rng_state(saved)
     assert draws() == first
+
+
+def test_deepspeed_files_load_weights_only(tmp_path):
+    """Around DeepSpeed's torch.load(weights_only=False), restore() loads weights only: the
+    DeepSpeed classes of a ZeRO optimizer state load, any other object is refused."""
+    import datetime
+    import pickle
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    torch.save({"loss_scaler": LossScaler(1.0), "w": torch.ones(2)}, tmp_path / "zero.pt")
+    torch.save({"when": datetime.date(2026, 1, 1)}, tmp_path / "other.pt")
+    with checkpoint._weights_only_loading():
+        assert torch.load(tmp_path / "zero.pt", weights_only=False)["loss_scaler"].cur_scale == 1.0
+        with pytest.raises(pickle.UnpicklingError, match="datetime"):
+            torch.load(tmp_path / "other.pt", weights_only=False)
+    assert torch.load(tmp_path / "other.pt", weights_only=False)["when"].year == 2026  # only inside
