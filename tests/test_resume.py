@@ -94,7 +94,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, de
     assert not (out / checkpoint.SUMMARY).exists()
     resumed_at = _latest_step(out)
     assert 0 < resumed_at < 2 * STEPS_PER_EPOCH and resumed_at % STEPS_PER_EPOCH  # mid-epoch
-    assert len(checkpoint.complete_checkpoints(out)) <= cfg.keep_checkpoints
+    # (+1: the kill may fall between a new checkpoint's marker and the deletion of the oldest)
+    assert len(checkpoint.complete_checkpoints(out)) <= cfg.keep_checkpoints + 1
     assert uninterrupted.wait(timeout=120) == 0, (tmp_path / "ref.txt").read_text()[-3000:]
     assert len(_log(Path(ref.output_dir))) == 2 * STEPS_PER_EPOCH
 
