@@ -14,13 +14,14 @@ runs/demo, where `mmkd demo` leaves its data, processor and caches), so one reci
 serves the demo, the micro demo and the tests. Stage i's config = defaults < the stage's own keys, with output_dir = workdir/<name> and
 init_from = the previous stage's output (stage 0: the recipe's init_from, if any). A stage
 whose folder already holds train_summary.json is done and skipped, so re-running the
-recipe resumes after the last finished stage (fresh=True retrains them all). Running one
+recipe resumes after the last finished stage, and a stage cut short continues from its
+latest checkpoint (fresh=True retrains them all from scratch). Running one
 stage alone (`--stage NAME`) needs the previous stage's model on disk.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -106,5 +107,5 @@ def run_recipe(path: str | Path, stage: str | None = None, fresh: bool = False, 
             log(f"[recipe {name}] stage {s.name}: done ({s.config.output_dir}), skipping")
             continue
         log(f"[recipe {name}] stage {s.name} -> {s.config.output_dir}")
-        summaries[s.name] = train(s.config, log)
+        summaries[s.name] = train(replace(s.config, resume=False) if fresh else s.config, log)
     return summaries

@@ -91,41 +91,47 @@ class StepClock:
         return out
 
 
-def summary_writer(folder: Path):
-    """torch's TensorBoard SummaryWriter on folder (needs the tensorboard package)."""
+def summary_writer(folder: Path, purge_step: int | None = None):
+    """torch's TensorBoard SummaryWriter on folder (needs the tensorboard package);
+    purge_step: scalars logged earlier at steps >= purge_step are discarded."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError as e:
         raise ImportError("TensorBoard logging needs the tensorboard package: pip install tensorboard, or set "
                           "tensorboard: false (--tensorboard false) to train without it") from e
-    return SummaryWriter(str(folder), flush_secs=30)
+    return SummaryWriter(str(folder), flush_secs=30, purge_step=purge_step)
 
 
 class RunLog:
     """Rank 0's record of a run: `step(record)` once per optimizer step, `close()` at the end.
 
-    out_dir: the run's output_dir; train_log.jsonl and tensorboard/ are replaced, not
-    appended to (a run in the same folder starts a new record). total_steps: the run's
-    optimizer steps (the bar's length). tensorboard: write the scalars too. bar: show a
-    tqdm progress bar on stdout; None = when stdout is a terminal. Without the bar, `log`
-    gets a line every log_every steps and at the last step.
+    out_dir: the run's output_dir; train_log.jsonl and tensorboard/ are replaced (a run in
+    the same folder starts a new record), unless resume_step > 0: a run resumed from the
+    checkpoint of that step appends to the log (student.checkpoint.restore has cut it back
+    to that step) and TensorBoard drops the scalars of later steps (they are redone).
+    total_steps: the run's optimizer steps (the bar's length). tensorboard: write the
+    scalars too. bar: show a tqdm progress bar on stdout; None = when stdout is a terminal.
+    Without the bar, `log` gets a line every log_every steps and at the last step.
     """
 
     def __init__(self, out_dir: Path, total_steps: int, log_every: int, tensorboard: bool = True,
-                 log: Callable[[str], None] = print, bar: bool | None = None):
+                 log: Callable[[str], None] = print, bar: bool | None = None, resume_step: int = 0):
         self.total_steps, self.log_every, self.log = total_steps, log_every, log
         self.start = time.perf_counter()
-        self.file = open(Path(out_dir) / LOG_NAME, "w", buffering=1)  # line-buffered: readable while training
+        # line-buffered: readable while training, and on disk before the next checkpoint
+        self.file = open(Path(out_dir) / LOG_NAME, "a" if resume_step else "w", buffering=1)
         self.writer = None
         if tensorboard:
             folder = Path(out_dir) / TENSORBOARD_DIR
-            shutil.rmtree(folder, ignore_errors=True)  # old event files would mix two runs' curves
-            self.writer = summary_writer(folder)
+            if not resume_step:
+                shutil.rmtree(folder, ignore_errors=True)  # old event files would mix two runs' curves
+            self.writer = summary_writer(folder, purge_step=resume_step + 1 if resume_step else None)
         self.bar = None
         if sys.stdout.isatty() if bar is None else bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total_steps, desc="train", unit="step", file=sys.stdout, dynamic_ncols=True)
+            self.bar = tqdm(total=total_steps, initial=resume_step, desc="train", unit="step", file=sys.stdout,
+                            dynamic_ncols=True)
 
     def step(self, record: dict) -> None:
         """record: the step's scalars (module docstring); 'step' is required."""

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from pipelines.inputs import read_config_inputs
 from pipelines.preprocess import IGNORE_INDEX, VISION_KEYS, image_token_id
 from storage.reader import TeacherCache
+from student import checkpoint
 from student.data import (
     DistillDataset,
     PreferenceDataset,
@@ -117,6 +118,9 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 50  # a log line every N optimizer steps when no progress bar is shown (stdout not a terminal)
     tensorboard: bool = True  # also write the train_log.jsonl scalars for TensorBoard to output_dir/tensorboard
+    save_every: int = 200  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
+    keep_checkpoints: int = 2  # the newest N checkpoints are kept
+    resume: bool = True  # continue from output_dir's latest checkpoint (false: start over, deleting them)
 
 
 def setup_distributed() -> tuple[int, int, str]:
@@ -281,6 +285,9 @@ def check_config(cfg: "TrainConfig") -> None:
         raise ValueError(f"batch_size {cfg.batch_size} and grad_accum {cfg.grad_accum} must be at least 1")
     if cfg.upcycle and not cfg.init_from:
         raise ValueError("upcycle starts from a trained dense model: set init_from")
+    if cfg.save_every < 0 or cfg.keep_checkpoints < 1:
+        raise ValueError(f"save_every {cfg.save_every} must be >= 0 (0 = no checkpoints) and keep_checkpoints "
+                         f"{cfg.keep_checkpoints} >= 1")
 
 
 def describe_terms(cfg: "TrainConfig") -> str:
@@ -303,6 +310,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    finished, resume_from = checkpoint.find_resume(cfg, world, rank, log)
+    if finished is not None:
+        return finished
 
     # Data: the samples re-encoded by the student's processor, joined with cached targets.
     processor = AutoProcessor.from_pretrained(cfg.processor)
@@ -354,20 +364,28 @@ def train(cfg: TrainConfig, log=print) -> dict:
             f"{', MoE' if is_moe else ''}), {len(dataset)} {'pairs' if preference else 'samples'}, world {world}, "
             f"{total_steps} steps, {describe_terms(cfg)}")
 
-    # Loop: an optimizer step takes grad_accum micro-batches per rank; every loss term is a
-    # mean over the step's global batch (student.parallel.StepMeans), logged as such.
-    run_log = RunLog(out_dir, total_steps, cfg.log_every, cfg.tensorboard, log) if rank == 0 else None
+    # Loop, from the checkpoint's position when resuming: an optimizer step takes grad_accum
+    # micro-batches per rank; every loss term is a mean over the step's global batch
+    # (student.parallel.StepMeans), logged as such.
+    pos = checkpoint.restore(engine, resume_from, out_dir, rank, log)
+    run_log = RunLog(out_dir, total_steps, cfg.log_every, cfg.tensorboard, log, resume_step=pos.step) \
+        if rank == 0 else None
     clock = StepClock()
     terms_of = preference_terms if preference else distill_terms
     rows, weights, img = term_rows(cfg.relation_pooling), term_weights(cfg), image_token_id(processor)
-    step, micro_batches, t0, tokens, last = 0, 0, time.time(), 0, {}
-    for epoch in range(cfg.epochs):
+    step, micro_batches, t0, last = pos.step, 0, time.time() - pos.wall_s, {}
+    for epoch in range(pos.epoch, cfg.epochs):
         batches = rank_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch)
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                                             prefetch_factor=4 if cfg.num_workers else None, collate_fn=collate_fn)
+        consumed = pos.batch if epoch == pos.epoch else 0  # micro-batches of this epoch done before the checkpoint
+        # The loader draws its workers' base seed from its own generator, not the global RNG,
+        # so the global stream (MoE gate sampling, dropout) is the same after a resume.
+        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[consumed:], num_workers=cfg.num_workers,
+                                             prefetch_factor=4 if cfg.num_workers else None, collate_fn=collate_fn,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
         for group in micro_batch_groups(clock.batches(loader), cfg.grad_accum):
             means = StepMeans([row_counts(b, img, preference) for b in group], rows, weights, device)
             lr = scheduler.get_last_lr()[0]  # this step's: DeepSpeed advances the schedule after the step
+            tokens = 0
             for i, batch in enumerate(group):
                 batch = {k: v.to(device) for k, v in batch.items()}
                 vision = vision_inputs(batch, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
@@ -382,12 +400,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 engine.step()
                 tokens += int(out["targets"].numel())
             micro_batches += len(group)
+            consumed += len(group)
             step += 1
             last = {"step": step, "epoch": epoch, **means.logged(), "lr": lr,
                     **clock.lap(samples=cfg.batch_size * cfg.grad_accum, tokens=tokens)}
-            tokens = 0
             if run_log:
                 run_log.step(last)
+            if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+                checkpoint.save(engine, cfg, checkpoint.Position(step, epoch, consumed, time.time() - t0), rank, world)
             if step >= total_steps:
                 break
         if step >= total_steps:
@@ -404,5 +424,6 @@ def train(cfg: TrainConfig, log=print) -> dict:
             run_log.close()
             save_moe(model, out_dir) if is_moe else model.save_pretrained(out_dir)
             processor.save_pretrained(out_dir)
-            (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            checkpoint.write_atomic(out_dir / checkpoint.SUMMARY, json.dumps(summary, indent=1))
+            checkpoint.remove_checkpoints(out_dir)
     return summary
