@@ -108,6 +108,14 @@ def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, de
     assert f"[train] resuming from step {resumed_at} (epoch {epoch}, batch {batch})" in text
 
     assert _log(out) == _log(Path(ref.output_dir))  # every step: loss, each term, lr
+    # TensorBoard: the steps logged after the checkpoint and redone appear once, with the redone values
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == list(range(1, 2 * STEPS_PER_EPOCH + 1))
+    assert [e.value for e in loss] == pytest.approx([r["loss"] for r in _log(out)], rel=1e-6)
     got, want = load_file(out / "model.safetensors"), load_file(Path(ref.output_dir) / "model.safetensors")
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
     assert not (out / checkpoint.CHECKPOINTS).exists()  # a finished run keeps no checkpoints
