@@ -138,7 +138,7 @@ def step_costs(a, demo: Path, train_json: Path, caches: dict[str, str], vocab: i
     from student.data import DistillDataset, collate_items
     from student.model import build_llava
     from student.online import OnlineTeacher
-    from student.train import StudentOutputs, TrainConfig, distill_terms, vision_inputs
+    from student.train import StudentOutputs, TrainConfig, distill_terms, term_weights, vision_inputs
 
     d = DemoConfig()
     processor = AutoProcessor.from_pretrained(demo / "processor")
@@ -154,6 +154,7 @@ def step_costs(a, demo: Path, train_json: Path, caches: dict[str, str], vocab: i
     sampled = sampled_row(a.draws)
     modes = {ROW_SFT: batches(None), topk: batches(caches[topk]), sampled: batches(caches[sampled])}
     cfg = TrainConfig(lr=d.student_lr)  # ce_weight = kd_weight = 1, as the trained rows
+    weights = term_weights(cfg)  # one rank, no accumulation: the trainer's loss is this weighted sum
     states = {}
     for name in [*modes, ROW_ONLINE]:
         model = build_llava(d.student_arch, processor, seed=0).train()
@@ -168,7 +169,7 @@ def step_costs(a, demo: Path, train_json: Path, caches: dict[str, str], vocab: i
         if teacher is not None:
             batch = {**batch, **teacher.targets(batch, vision)}
         out = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], vision)
-        loss, _ = distill_terms(out, batch, cfg)
+        loss = sum(weights[n] * v for n, v in distill_terms(out, batch, cfg).items() if n in weights)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
