@@ -25,6 +25,7 @@ come from the cache rows (storage/).
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import socket
@@ -123,6 +124,11 @@ class TrainConfig:
     resume: bool = True  # continue from output_dir's latest checkpoint (false: start over, deleting them)
 
 
+def _destroy_process_group() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def setup_distributed() -> tuple[int, int, str]:
     """(rank, world size, device) after initialising torch.distributed through DeepSpeed.
 
@@ -144,7 +150,12 @@ def setup_distributed() -> tuple[int, int, str]:
         # Only its inference all-reduce uses it; training communicates through
         # torch.distributed (gloo) either way, so mark the op unavailable.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+        # Tear the process group down before the interpreter exits: left to C++ static
+        # destruction, a rank can abort ("terminate called without an active exception",
+        # seen with 2 gloo ranks under torchrun) after training has finished.
+        atexit.register(_destroy_process_group)
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = f"cuda:{local}" if cuda else "cpu"
     if cuda:
