@@ -42,7 +42,8 @@ demo: $(STAMP)
 
 # MMKD_REQUIRE_VLLM=1: the vLLM backend's tests fail (instead of skipping) without .venv-vllm.
 # The model-family tests run a second time in .venv-vllm, which has torchvision (LLaVA-OneVision
-# and Qwen2-VL processors need it; the main CPU environment cannot have it, ENVIRONMENT.md).
+# and Qwen2-VL processors need it; the main CPU environment cannot have it: PyPI's torchvision
+# wheels fail to import next to the CPU torch 2.13.0 wheel, and break LlavaProcessor too).
 test: $(STAMP) $(VLLM_STAMP)
 	MMKD_REQUIRE_VLLM=1 $(PY) -m pytest -q -ra tests $(TEST_ARGS)
 	MMKD_REQUIRE_ALL_FAMILIES=1 $(VLLM_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider tests/test_families.py

@@ -31,12 +31,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
 
-from storage import codec
-from storage.manifest import Manifest
-from storage.reader import TeacherCache
-from storage.schema import CacheRow, TokenTargets
-from storage.tables import raw_table
-from storage.writer import CacheWriter
+from mmkd.storage import codec
+from mmkd.storage.manifest import Manifest
+from mmkd.storage.reader import TeacherCache
+from mmkd.storage.schema import CacheRow, TokenTargets
+from mmkd.storage.tables import raw_table
+from mmkd.storage.writer import CacheWriter
 
 
 def load_profile(d, profile: str, k: int, mode: str, draws: int = 32) -> list[CacheRow]:

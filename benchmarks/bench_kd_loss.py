@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from student.losses import cross_entropy, sparse_forward_kl
+from mmkd.student.losses import cross_entropy, sparse_forward_kl
 
 
 def main():

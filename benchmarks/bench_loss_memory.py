@@ -33,7 +33,7 @@ def _kb(field: str) -> int:
 def run_one(variant: str, rows: int, vocab: int, k: int, chunk: int, warm: bool = True) -> dict:
     import torch
 
-    from student.losses import cross_entropy, sampled_kd, sparse_divergence
+    from mmkd.student.losses import cross_entropy, sampled_kd, sparse_divergence
 
     if warm:  # lazy imports and allocator pools of the code path, before measuring
         run_one(variant, 8, 1000, min(k, 100), chunk, warm=False)

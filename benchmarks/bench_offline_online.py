@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from mmkd.common.config import InputsConfig
+
 ROW_SFT, ROW_ONLINE = "SFT (CE only)", "online (full vocabulary)"
 
 
@@ -65,9 +67,9 @@ def write_split(src: Path, dst: Path, n: int) -> Path:
 def make_caches(a, demo: Path, train_json: Path, vocab: int, log) -> dict[str, str]:
     """Row name -> cache folder: one Ray teacher pass per k and one in sampled mode
     (response records); an existing complete cache is resumed, i.e. reused."""
-    from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+    from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
-    common = dict(teacher=str(demo / "teacher"), data=str(train_json), image_root=str(demo / "data"),
+    common = dict(teacher=str(demo / "teacher"), inputs=InputsConfig(str(train_json), str(demo / "data")),
                   records="response", batch_size=64, rows_per_shard=1024)
     caches = {}
     for k in a.k:
@@ -85,11 +87,11 @@ def make_caches(a, demo: Path, train_json: Path, vocab: int, log) -> dict[str, s
 
 def train_configs(a, demo: Path, train_json: Path, caches: dict[str, str], seed: int) -> dict:
     """Row name -> TrainConfig of one seed (the demo's student settings)."""
-    from pipelines.demo import DemoConfig
-    from student.train import TrainConfig
+    from mmkd.pipelines.demo import DemoConfig
+    from mmkd.student.train import TrainConfig
 
     d = DemoConfig()
-    common = dict(data=str(train_json), image_root=str(demo / "data"), processor=str(demo / "processor"),
+    common = dict(inputs=InputsConfig(str(train_json), str(demo / "data")), processor=str(demo / "processor"),
                   arch=d.student_arch, subset=a.subset if a.subset is not None else d.student_subset,
                   epochs=a.epochs if a.epochs is not None else d.student_epochs, lr=d.student_lr,
                   batch_size=d.batch_size, seed=seed, log_every=10 ** 9, num_workers=0, keep_encoded=True)
@@ -106,8 +108,8 @@ def _slug(name: str) -> str:
 
 def train_and_evaluate(cfg, demo: Path, test_json: Path, log) -> dict:
     """Train (unless already done) and evaluate one student; its metrics JSON is kept next to it."""
-    from student.evaluate import evaluate
-    from student.train import train
+    from mmkd.student.evaluate import evaluate
+    from mmkd.student.train import train
 
     out = Path(cfg.output_dir)
     metrics_file = out / "bench_metrics.json"
@@ -116,7 +118,7 @@ def train_and_evaluate(cfg, demo: Path, test_json: Path, log) -> dict:
     if not (out / "train_summary.json").exists():
         train(cfg, log=lambda *_: None)
     summary = json.loads((out / "train_summary.json").read_text())
-    m = evaluate(str(out), str(test_json), str(demo / "data"), teacher=str(demo / "teacher"))
+    m = evaluate(str(out), InputsConfig(str(test_json), str(demo / "data")), teacher=str(demo / "teacher"))
     metrics = {"accuracy": m["accuracy"], "full_kl_to_teacher": m["full_kl_to_teacher"],
                "hallucination_rate": m.get("hallucination_rate"), "steps": summary["steps"],
                "train_wall_s": summary["wall_s"]}
@@ -131,14 +133,15 @@ def step_costs(a, demo: Path, train_json: Path, caches: dict[str, str], vocab: i
 
     from transformers import AutoProcessor
 
-    from pipelines.demo import DemoConfig
-    from pipelines.inputs import read_inputs
-    from pipelines.preprocess import image_token_id
-    from storage.reader import TeacherCache
-    from student.data import DistillDataset, collate_items
-    from student.model import build_llava
-    from student.online import OnlineTeacher
-    from student.train import StudentOutputs, TrainConfig, distill_terms, term_weights, vision_inputs
+    from mmkd.common.inputs import read_inputs
+    from mmkd.common.preprocess import image_token_id
+    from mmkd.pipelines.demo import DemoConfig
+    from mmkd.storage.reader import TeacherCache
+    from mmkd.student.data import DistillDataset, collate_items
+    from mmkd.student.model import build_llava
+    from mmkd.student.online import OnlineTeacher
+    from mmkd.student.outputs import StudentOutputs, vision_inputs
+    from mmkd.student.train import TrainConfig, distill_terms, term_weights
 
     d = DemoConfig()
     processor = AutoProcessor.from_pretrained(demo / "processor")
@@ -274,7 +277,7 @@ def main():
     a = ap.parse_args()
     from transformers import AutoProcessor
 
-    from student.evaluate import evaluate
+    from mmkd.student.evaluate import evaluate
 
     t0 = time.time()
     log = print
@@ -294,7 +297,7 @@ def main():
             rows.setdefault(name, {})[seed] = m = train_and_evaluate(cfg, demo, test_json, log)
             log(f"[bench] seed {seed} {name}: exact match {m['accuracy']:.3f}, full KL {m['full_kl_to_teacher']:.4f}"
                 f" ({time.time() - t:.0f}s)")
-    teacher = evaluate(str(demo / "teacher"), str(test_json), str(demo / "data"))
+    teacher = evaluate(str(demo / "teacher"), InputsConfig(str(test_json), str(demo / "data")))
     costs = step_costs(a, demo, train_json, caches, vocab, log)
 
     table, cost = results_table(rows), cost_table(costs)

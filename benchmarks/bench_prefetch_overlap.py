@@ -19,6 +19,7 @@ larger of the two.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import shutil
@@ -38,8 +39,7 @@ VOCAB_CUT = 256  # ids the head keeps (module level: the actor's copy of the cla
 
 def tiny_teacher(src: Path, dst: Path) -> None:
     """A 1-layer random LLaVA with the processor saved in src (the realistic one)."""
-    from transformers import (AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
-                              LlavaForConditionalGeneration)
+    from transformers import AutoProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
     processor = AutoProcessor.from_pretrained(src)
     tok = processor.tokenizer
@@ -68,24 +68,25 @@ def main() -> None:
 
     import ray
 
-    import pipelines.teacher_pass as tp
-    from pipelines.preprocess import collate, encode_sample
-    from pipelines.samples import load_image
+    import mmkd.pipelines.teacher_pass as tp
+    from mmkd.common.config import InputsConfig
+    from mmkd.common.inputs import load_image
+    from mmkd.common.preprocess import collate, encode_sample
 
     workdir = Path(args.workdir)
     teacher, data = prepare(workdir, args.samples, 160, 0)
     tiny = workdir / "tiny-teacher"
     if not (tiny / "config.json").exists():
         tiny_teacher(teacher, tiny)
-    cfg = tp.TeacherPassConfig(teacher=str(tiny), data=str(data / "data.json"), image_root=str(data),
+    cfg = tp.TeacherPassConfig(teacher=str(tiny), inputs=InputsConfig(str(data / "data.json"), str(data)),
                                output=str(workdir / "cache-overlap"), k=64, batch_size=args.batch_size,
                                rows_per_shard=64, device="cpu")
     samples = tp.read_inputs(cfg)
     from transformers import AutoProcessor
 
     processor = AutoProcessor.from_pretrained(tiny)
-    from teacher_cache.extract import extract_rows, to_device
-    from teacher_cache.teacher import load_teacher
+    from mmkd.teacher_cache.extract import ExtractionSpec, extract_rows, to_device
+    from mmkd.teacher_cache.teacher import load_teacher
 
     model, _ = load_teacher(str(tiny), "float32", "cpu")
     image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
@@ -93,11 +94,11 @@ def main() -> None:
     for i in range(0, len(samples), args.batch_size):
         t0 = time.perf_counter()
         group = samples[i:i + args.batch_size]
-        b = collate([encode_sample(processor, s, load_image(cfg.image_root, s), cfg.max_length) for s in group],
+        b = collate([encode_sample(processor, s, load_image(cfg.inputs.image_root, s), cfg.max_length) for s in group],
                     processor.tokenizer.pad_token_id)
         t1 = time.perf_counter()
-        extract_rows(model, to_device(b, "cpu", torch.float32), [s.id for s in group], image_id, "topk", 64,
-                     vocab_size=VOCAB_CUT)
+        extract_rows(model, to_device(b, "cpu", torch.float32), [s.id for s in group], image_id,
+                     ExtractionSpec(k=64, vocab_size=VOCAB_CUT))
         pre, cpu = pre + t1 - t0, cpu + time.perf_counter() - t1
     n_batches = -(-len(samples) // args.batch_size)
     pre, cpu = pre / n_batches, cpu / n_batches
@@ -108,13 +109,13 @@ def main() -> None:
 
         def __init__(self, cfg):
             super().__init__(cfg)
-            import teacher_cache.extract as ex
+            import mmkd.teacher_cache.extract as ex
 
             real = ex.extract_rows
 
-            def on_device(*a, **kw):  # TeacherWorker passes vocab_size as the 12th argument
+            def on_device(model, batch, ids, image_id, spec, *a, **kw):
                 time.sleep(self.device_s)
-                return real(*a[:11], VOCAB_CUT, **kw)
+                return real(model, batch, ids, image_id, dataclasses.replace(spec, vocab_size=VOCAB_CUT), *a, **kw)
 
             ex.extract_rows = on_device
 

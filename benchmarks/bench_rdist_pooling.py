@@ -17,11 +17,13 @@ import argparse
 import numpy as np
 import torch
 
-from pipelines.preprocess import collate, encode_sample, image_token_id
-from pipelines.samples import load_image, read_llava
-from student.losses import relation_loss, relation_matrix
-from student.model import load_model
-from teacher_cache.extract import final_hidden_states, to_device, visual_rows
+from mmkd.common.heads import relation_matrix, visual_rows
+from mmkd.common.inputs import load_image
+from mmkd.common.preprocess import collate, encode_sample, image_token_id
+from mmkd.common.samples import read_llava
+from mmkd.student.losses import relation_loss
+from mmkd.student.model import load_model
+from mmkd.teacher_cache.extract import final_hidden_states, to_device
 
 
 def relations(model, batch, img):

@@ -39,15 +39,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.demo import DemoConfig  # noqa: E402
-from student.train import TrainConfig, train  # noqa: E402
+from mmkd.common.config import InputsConfig  # noqa: E402
+from mmkd.pipelines.demo import DemoConfig  # noqa: E402
+from mmkd.student.train import TrainConfig, train  # noqa: E402
 
 STAGES = {"ce": {"cache": None}, "kd": {}, "rdist": {"visual_weight": 1.0, "relation_weight": 1.0}}
 
 
 def config(root: Path, stage: str, steps: int, out: Path, **kw) -> TrainConfig:
     demo = DemoConfig()
-    base = dict(data=str(root / "data" / "train.json"), image_root=str(root / "data"),
+    base = dict(inputs=InputsConfig(str(root / "data" / "train.json"), str(root / "data")),
                 processor=str(root / "processor"), cache=str(root / "cache" / "train"), arch=demo.student_arch,
                 batch_size=demo.batch_size, subset=steps * demo.batch_size, lr=demo.student_lr, epochs=1,
                 output_dir=str(out), seed=demo.seed)
@@ -58,17 +59,18 @@ def loader_alone(cfg: TrainConfig, num_workers: int) -> dict:
     """(a): the DataLoader train() builds for cfg, iterated to the end without a step."""
     from transformers import AutoProcessor
 
-    from pipelines.inputs import read_config_inputs
-    from storage.reader import TeacherCache
-    from student.data import DistillDataset, collate_items, rank_batches
-    from student.train import used_record_kinds
+    from mmkd.common.inputs import read_config_inputs
+    from mmkd.storage.reader import TeacherCache
+    from mmkd.student.data import DistillDataset, collate_items, rank_batches
+    from mmkd.student.train import used_record_kinds
 
     processor = AutoProcessor.from_pretrained(cfg.processor)
-    samples = read_config_inputs(cfg)
+    samples = read_config_inputs(cfg.inputs)
     random.Random(cfg.seed).shuffle(samples)
     samples = samples[: cfg.subset]
     cache = TeacherCache(cfg.cache) if cfg.cache else None
-    dataset = DistillDataset(samples, processor, cfg.image_root, cfg.max_length, cache, False, used_record_kinds(cfg))
+    dataset = DistillDataset(samples, processor, cfg.inputs.image_root, cfg.max_length, cache, False,
+                             used_record_kinds(cfg))
     batches = rank_batches(len(dataset), cfg.batch_size, 0, 1, cfg.seed, 0)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
                                          prefetch_factor=4 if num_workers else None,

@@ -53,7 +53,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench_visual_mass import IMAGE_QUESTIONS, IMAGE_SIZE, IMAGE_TOKEN, PATCH, build_llava, rescale_projector, synthetic_pil_images  # noqa: E402
+from mmkd.common.config import InputsConfig  # noqa: E402
+
+from bench_visual_mass import (  # noqa: E402
+    IMAGE_QUESTIONS,
+    IMAGE_SIZE,
+    IMAGE_TOKEN,
+    PATCH,
+    build_llava,
+    rescale_projector,
+    synthetic_pil_images,
+)
 from real_teacher import QUESTIONS, load_smollm2, model_folder, paragraphs  # noqa: E402
 
 BUILD_VERSION = "1"  # bump when the teacher or data recipe changes: the cached folder is rebuilt
@@ -135,8 +145,8 @@ def prepare(workdir: Path, n: int, max_answer: int, seed: int) -> tuple[Path, Pa
 
 def planned_order(cfg, samples, processor) -> tuple[list, str]:
     """The samples in the order the pass batches them: its own planner when it has one."""
-    import pipelines.teacher_pass as tp
-    from pipelines.preprocess import image_token_count
+    import mmkd.pipelines.teacher_pass as tp
+    from mmkd.common.preprocess import image_token_count
 
     if not hasattr(tp, "plan_batches"):  # before the planner existed, the pass ran the input order
         return list(samples), "input order"
@@ -163,8 +173,9 @@ class TreeCpu:
     that exits loses at most its last half second."""
 
     def __init__(self):
-        import psutil
         import threading
+
+        import psutil
 
         self.psutil, self.seen, self.start = psutil, {}, {}
         self._stop = threading.Event()
@@ -210,7 +221,7 @@ def instrumented_worker(base, events_dir: str):
             super().__init__(cfg)
             self._path = _os.path.join(events_dir, f"{_os.getpid()}.json")
             self._events, self._ctor, self._json = [], (t0, time.time()), _json
-            import teacher_cache.extract as ex
+            import mmkd.teacher_cache.extract as ex
 
             def timed(kind, fn):
                 def call(*a, **kw):
@@ -263,21 +274,28 @@ def main() -> None:
 
     import ray
 
-    from pipelines.preprocess import collate, encode_sample
-    from pipelines.samples import load_image
-    from pipelines.teacher_pass import TeacherPassConfig, read_inputs, run_teacher_pass
-    from storage.manifest import Manifest
-    from storage.schema import RAW_SCHEMA
-    from storage.writer import CacheWriter
-    from student.model import output_head
-    from storage.schema import CacheRow, token_digest
-    from storage.tables import raw_table
-    from teacher_cache.extract import _per_sample, _targets, extract_rows, final_hidden_states, supervised_rows, to_device
-    from teacher_cache.teacher import load_teacher, shared_vocab_size
+    from mmkd.common.check import shared_vocab_size
+    from mmkd.common.heads import output_head, supervised_rows
+    from mmkd.common.inputs import load_image
+    from mmkd.common.preprocess import collate, encode_sample
+    from mmkd.pipelines.teacher_pass import TeacherPassConfig, read_inputs, run_teacher_pass
+    from mmkd.storage.manifest import Manifest
+    from mmkd.storage.schema import RAW_SCHEMA, CacheRow, token_digest
+    from mmkd.storage.tables import raw_table
+    from mmkd.storage.writer import CacheWriter
+    from mmkd.teacher_cache.extract import (
+        ExtractionSpec,
+        _per_sample,
+        _targets,
+        extract_rows,
+        final_hidden_states,
+        to_device,
+    )
+    from mmkd.teacher_cache.teacher import load_teacher
 
     workdir = Path(args.workdir)
     teacher, data = prepare(workdir, args.samples, args.max_answer, args.seed)
-    cfg = TeacherPassConfig(teacher=str(teacher), data=str(data / "data.json"), image_root=str(data),
+    cfg = TeacherPassConfig(teacher=str(teacher), inputs=InputsConfig(str(data / "data.json"), str(data)),
                             output=str(workdir / "cache"), k=args.k, batch_size=args.batch_size,
                             rows_per_shard=args.rows_per_shard, num_workers=args.num_workers, device="cpu",
                             new_cache=True)
@@ -294,7 +312,7 @@ def main() -> None:
     B = args.batch_size
 
     def encode(group):
-        enc = [encode_sample(processor, s, load_image(cfg.image_root, s), cfg.max_length) for s in group]
+        enc = [encode_sample(processor, s, load_image(cfg.inputs.image_root, s), cfg.max_length) for s in group]
         return to_device(collate(enc, pad), "cpu", torch.float32)
 
     t0 = time.perf_counter()
@@ -320,8 +338,8 @@ def main() -> None:
     ray.init(num_cpus=max(2, args.num_workers + 1), object_store_memory=1 << 30, include_dashboard=False,
              log_to_driver=False)
     t_ray = time.perf_counter() - t0
-    import pipelines.teacher_pass as tp
-    import storage.writer as sw
+    import mmkd.pipelines.teacher_pass as tp
+    import mmkd.storage.writer as sw
 
     base_worker, add = tp.TeacherWorker, sw.CacheWriter.add
     writer_time = [0.0]
@@ -386,7 +404,7 @@ def main() -> None:
                 h = final_hidden_states(model, b)
                 t1 = time.perf_counter()
                 bi, ti = supervised_rows(b["labels"])
-                tg = _targets(h[bi, ti - 1], head, "topk", args.k, 0, 1.0, None)
+                tg = _targets(h[bi, ti - 1], head, ExtractionSpec(k=args.k), None)
                 t2 = time.perf_counter()
                 per = _per_sample(bi, ti, tg, len(sids))
                 lens = b["attention_mask"].sum(-1).numpy()
@@ -395,7 +413,7 @@ def main() -> None:
                                                   response=per[r]) for r, sid in enumerate(sids)]))
                 t3 = time.perf_counter()
                 t_body, t_head, t_arrow = t_body + t1 - t0, t_head + t2 - t1, t_arrow + t3 - t2
-        check = extract_rows(model, batches[0], ids_of[0], image_id, "topk", args.k, vocab_size=vocab)
+        check = extract_rows(model, batches[0], ids_of[0], image_id, ExtractionSpec(k=args.k, vocab_size=vocab))
         assert check.equals(tables[0]), "the step-by-step extraction differs from extract_rows"
         parts["body (model.model)"] = t_body
         parts["head + log-softmax + top-k at target rows, to host"] = t_head

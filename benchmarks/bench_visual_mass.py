@@ -51,8 +51,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mmkd.common.heads import supervised_rows, visual_rows  # noqa: E402
+from mmkd.common.preprocess import IGNORE_INDEX  # noqa: E402
+from mmkd.teacher_cache.extract import ExtractionSpec, extract_rows, final_hidden_states  # noqa: E402
+
 from real_teacher import QUESTIONS, load_smollm2, paragraphs  # noqa: E402
-from teacher_cache.extract import IGNORE_INDEX, extract_rows, final_hidden_states, supervised_rows, visual_rows  # noqa: E402
 
 IMAGE_TOKEN = "<jupyter_start>"  # an unused special token of SmolLM2's tokenizer, reused as <image>
 IMAGE_SIZE, PATCH = 224, 32
@@ -196,7 +199,7 @@ def demo_table(path: str, wait: float) -> None:
         print(f"\n(demo: after {time.time() - t0:.0f}s the manifest lists {kinds} with "
               f"{len(m.get('shards', []))} shards: skipped)")
         return
-    from storage.inspect import inspect_cache
+    from mmkd.storage.inspect import inspect_cache
     r = inspect_cache(path)
     print(f"\nDemo teacher ({path}: vocab {r['vocab_size']}, k={r.get('k')}, {r['samples']} samples, "
           f"complete={r['complete']}, waited {time.time() - t0:.0f}s)\n")
@@ -262,7 +265,7 @@ def main() -> None:
     for k in args.ks:
         left = {"response": [], "visual": []}
         for b, sids in batches:
-            table = extract_rows(model, b, sids, image_id, "topk", k, records=("response", "visual"))
+            table = extract_rows(model, b, sids, image_id, ExtractionSpec(k=k, records=("response", "visual")))
             for kind in left:
                 for row in table.column(f"{kind}_leftover").to_pylist():
                     left[kind].append(np.asarray(row, np.float64))

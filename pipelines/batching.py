@@ -21,7 +21,7 @@ import math
 
 import pyarrow as pa
 
-from pipelines.samples import PreferencePair, Sample
+from mmkd.common.samples import PreferencePair, Sample
 
 CHARS_PER_TOKEN = 4  # English BPE text, without a tokenizer
 TEMPLATE_TOKENS_PER_MESSAGE = 4  # role markers and separators of a chat template, roughly

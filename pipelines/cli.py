@@ -9,21 +9,21 @@ import sys
 
 
 def _config(args, cls):
-    from pipelines.config import load_config
+    from mmkd.common.config import load_config
 
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "cache_command", "config", "func")}
     return load_config(cls, args.config, flags)
 
 
 def cmd_demo(args) -> int:
-    from pipelines.demo import DemoConfig, run_demo
+    from mmkd.pipelines.demo import DemoConfig, run_demo
 
     run_demo(_config(args, DemoConfig))
     return 0
 
 
 def cmd_teacher_pass(args) -> int:
-    from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+    from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 
     cfg = _config(args, TeacherPassConfig)
     _require(cfg, "teacher", "data", "output")  # image_root: the reader asks when the data has image paths
@@ -32,7 +32,7 @@ def cmd_teacher_pass(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from student.train import TrainConfig, train
+    from mmkd.student.train import TrainConfig, train
 
     cfg = _config(args, TrainConfig)
     _require(cfg, "data", "processor", "output_dir")
@@ -41,7 +41,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_recipe(args) -> int:
-    from pipelines.recipe import run_recipe
+    from mmkd.pipelines.recipe import run_recipe
 
     run_recipe(args.recipe, stage=args.stage, fresh=args.fresh, root=args.root, workdir=args.workdir)
     return 0
@@ -50,17 +50,17 @@ def cmd_recipe(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from student.evaluate import evaluate
-    from student.plot import EVAL_NAME
+    from mmkd.student.evaluate import EvalConfig, evaluate
+    from mmkd.student.plot import EVAL_NAME
 
-    metrics = evaluate(args.model, args.data, args.image_root, args.cache, args.batch_size, args.max_length,
-                       split=args.data_split, image_column=args.image_column, id_column=args.id_column,
-                       teacher=args.teacher)
-    text = json.dumps({"model": args.model, "data": args.data, "cache": args.cache, **metrics}, indent=1)
+    cfg = _config(args, EvalConfig)
+    _require(cfg, "model", "data")
+    metrics = evaluate(cfg.model, cfg.inputs, cfg.cache, cfg.batch_size, cfg.max_length, teacher=cfg.teacher)
+    text = json.dumps({"model": cfg.model, "data": cfg.inputs.data, "cache": cfg.cache, **metrics}, indent=1)
     print(text)
-    out = args.out
-    if out is None and (Path(args.model) / "train_summary.json").exists():  # a run folder of `mmkd train`
-        out = str(Path(args.model) / EVAL_NAME)
+    out = cfg.out
+    if out is None and (Path(cfg.model) / "train_summary.json").exists():  # a run folder of `mmkd train`
+        out = str(Path(cfg.model) / EVAL_NAME)
     if out:
         with open(out, "w") as f:
             f.write(text + "\n")
@@ -69,7 +69,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from student.plot import PlotError, plot_runs
+    from mmkd.student.plot import PlotError, plot_runs
 
     try:
         out = plot_runs(args.run_dirs, args.out)
@@ -81,7 +81,7 @@ def cmd_plot(args) -> int:
 
 
 def cmd_check(args) -> int:
-    from pipelines.check import format_checks, run_checks
+    from mmkd.common.check import format_checks, run_checks
 
     try:
         checks = run_checks(args.teacher, args.student, args.cache, args.max_length, args.trust_remote_code)
@@ -95,7 +95,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_cache_inspect(args) -> int:
-    from storage.inspect import inspect_cache
+    from mmkd.storage.inspect import inspect_cache
 
     summary = inspect_cache(args.path)
     if args.json:
@@ -107,7 +107,7 @@ def cmd_cache_inspect(args) -> int:
 
 
 def cmd_cache_verify(args) -> int:
-    from storage.reader import TeacherCache
+    from mmkd.storage.reader import TeacherCache
 
     problems = TeacherCache(args.path, check=False).verify()
     for p in problems:
@@ -117,7 +117,7 @@ def cmd_cache_verify(args) -> int:
 
 
 def cmd_cache_merge(args) -> int:
-    from storage.ops import merge_caches
+    from mmkd.storage.ops import merge_caches
 
     m = merge_caches(args.inputs, args.output)
     print(f"merged {len(args.inputs)} caches: {m.num_rows} samples in {len(m.shards)} shards -> {args.output}")
@@ -125,7 +125,7 @@ def cmd_cache_merge(args) -> int:
 
 
 def cmd_cache_subset(args) -> int:
-    from storage.ops import subset_cache
+    from mmkd.storage.ops import subset_cache
 
     with open(args.ids) as f:
         ids = [line.strip() for line in f if line.strip()]
@@ -135,17 +135,21 @@ def cmd_cache_subset(args) -> int:
 
 
 def _require(cfg, *names) -> None:
-    missing = [n for n in names if not getattr(cfg, n)]
+    from mmkd.common.config import to_dict
+
+    values = to_dict(cfg)
+    missing = [n for n in names if not values[n]]
     if missing:
         raise SystemExit("missing required setting(s): " + ", ".join("--" + n.replace("_", "-") for n in missing)
                          + " (flags or the --config YAML)")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.config import add_flags
-    from pipelines.demo import DemoConfig
-    from pipelines.teacher_pass import TeacherPassConfig
-    from student.train import TrainConfig
+    from mmkd.common.config import add_flags
+    from mmkd.pipelines.demo import DemoConfig
+    from mmkd.pipelines.teacher_pass import TeacherPassConfig
+    from mmkd.student.evaluate import EvalConfig
+    from mmkd.student.train import TrainConfig
 
     p = argparse.ArgumentParser(prog="mmkd", description="Offline distillation of multimodal LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -171,23 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--fresh", action="store_true", help="retrain stages that are already done")
     rc.set_defaults(func=cmd_recipe)
 
-    ev = sub.add_parser("eval", help="Exact match (and KL to the teacher, from a cache) on a split.")
-    ev.add_argument("--model", required=True, help="model folder (with its processor)")
-    ev.add_argument("--data", required=True, help="the split's samples: LLaVA JSON/JSONL, a save_to_disk folder "
-                    "or Parquet")
-    ev.add_argument("--image-root", default="", help="folder the image paths are relative to (not needed for "
-                    "embedded images)")
-    ev.add_argument("--data-split", help="split of a DatasetDict / of the Parquet files")
-    ev.add_argument("--image-column", default="image", help="column of the image ('' = no images)")
-    ev.add_argument("--id-column", default="id", help="column of the unique sample id")
-    ev.add_argument("--cache", help="teacher cache of the same split, for KL to the teacher")
-    ev.add_argument("--teacher", help="teacher model folder: loads it for the exact full-vocabulary KL to the "
-                    "teacher (full_kl_to_teacher)")
-    ev.add_argument("--batch-size", type=int, default=64)
-    ev.add_argument("--max-length", type=int, default=256)
-    ev.add_argument("--out", help="also write the metrics JSON here (default: MODEL/eval.json when the model is "
-                    "the output folder of `mmkd train`, for `mmkd plot`; '' writes nothing)")
-    ev.set_defaults(func=cmd_eval)
+    with_config("eval", EvalConfig, cmd_eval, "Exact match (and KL to the teacher, from a cache or the teacher "
+                "itself) of a saved model on a split.")
 
     pl = sub.add_parser("plot", help="Loss curves of training runs (train_log.jsonl) and their evaluation table "
                                      "(eval.json, or a demo's results.json) as one PNG; several runs overlay.")
@@ -231,10 +220,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    from pipelines.config import ConfigError
-    from storage.schema import CacheError
-    from pipelines.quarantine import WorkerError
-    from pipelines.samples import SampleError
+    from mmkd.common.config import ConfigError
+    from mmkd.common.samples import SampleError
+    from mmkd.pipelines.quarantine import WorkerError
+    from mmkd.storage.schema import CacheError
 
     try:
         return args.func(args)

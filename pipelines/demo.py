@@ -27,7 +27,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from student.model import LlavaArch
+from mmkd.common.config import InputsConfig
+from mmkd.student.model import LlavaArch
 
 
 @dataclass
@@ -67,12 +68,12 @@ def _step(name: str, marker: Path, fresh: bool, fn, log):
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
-    from pipelines.demo_data import write_demo_dataset
-    from pipelines.demo_processor import build_demo_processor
-    from pipelines.recipe import run_recipe
-    from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
-    from student.evaluate import evaluate
-    from student.train import TrainConfig, train
+    from mmkd.pipelines.demo_data import write_demo_dataset
+    from mmkd.pipelines.demo_processor import build_demo_processor
+    from mmkd.pipelines.recipe import run_recipe
+    from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+    from mmkd.student.evaluate import evaluate
+    from mmkd.student.train import TrainConfig, train
 
     w = Path(cfg.workdir)
     if cfg.fresh and w.exists():
@@ -89,23 +90,24 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     _step("1/6 data set", marks / "data.json", False, make_data, log)
 
     # Small data, many epochs: encode each sample once and keep it (no loader processes).
-    common = dict(image_root=str(data), processor=str(proc), batch_size=cfg.batch_size, seed=cfg.seed,
+    train_inputs = InputsConfig(str(data / "train.json"), str(data))
+    common = dict(inputs=train_inputs, processor=str(proc), batch_size=cfg.batch_size, seed=cfg.seed,
                   log_every=250, num_workers=0, keep_encoded=True)
-    teacher_cfg = TrainConfig(data=str(data / "train.json"), output_dir=str(w / "teacher"), arch=cfg.teacher_arch,
-                              epochs=cfg.teacher_epochs, lr=cfg.teacher_lr, **common)
+    teacher_cfg = TrainConfig(output_dir=str(w / "teacher"), arch=cfg.teacher_arch, epochs=cfg.teacher_epochs,
+                              lr=cfg.teacher_lr, **common)
 
     def train_teacher():
         s = train(teacher_cfg, log)
-        val = evaluate(str(w / "teacher"), str(data / "val.json"), str(data))
+        val = evaluate(str(w / "teacher"), InputsConfig(str(data / "val.json"), str(data)))
         log(f"   teacher val exact match: {val['accuracy']:.3f}")
         return {"steps": s["steps"], "val_accuracy": val["accuracy"]}
 
     _step("2/6 teacher (supervised training)", marks / "teacher.json", False, train_teacher, log)
 
     def cache(split, data_file, records):
-        return TeacherPassConfig(
-            teacher=str(w / "teacher"), data=str(data / data_file), image_root=str(data), output=str(w / "cache" / split),
-            records=records, k=cfg.k, batch_size=64, rows_per_shard=1024, new_cache=True)
+        return TeacherPassConfig(teacher=str(w / "teacher"), inputs=InputsConfig(str(data / data_file), str(data)),
+                                 output=str(w / "cache" / split), records=records, k=cfg.k, batch_size=64,
+                                 rows_per_shard=1024, new_cache=True)
 
     def run_caches():
         out = {}
@@ -119,7 +121,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     _step("3/6 teacher pass (Ray) -> caches", marks / "caches.json", False, run_caches, log)
     _shutdown_ray()
 
-    student = dict(data=str(data / "train.json"), arch=cfg.student_arch, subset=cfg.student_subset,
+    student = dict(arch=cfg.student_arch, subset=cfg.student_subset,
                    epochs=cfg.student_epochs, lr=cfg.student_lr, cache=str(w / "cache" / "train"), **common)
     runs = {
         "(a) CE only": TrainConfig(output_dir=str(w / "student_ce"), **{**student, "cache": None}),
@@ -146,7 +148,8 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     def run_eval():
         rows = {}
         for name, path in models.items():
-            rows[name] = evaluate(str(path), str(data / "test.json"), str(data), cache=str(w / "cache" / "test"))
+            rows[name] = evaluate(str(path), InputsConfig(str(data / "test.json"), str(data)),
+                                  cache=str(w / "cache" / "test"))
             rows[name]["params"] = _params(path)
             log(f"   {name}: exact match {rows[name]['accuracy']:.3f}, KL {rows[name]['kl_to_teacher']:.4f}, "
                 f"hallucination {rows[name].get('hallucination_rate', float('nan')):.3f}")
@@ -175,7 +178,7 @@ def _shutdown_ray() -> None:
 
 
 def results_table(results: dict, cfg: DemoConfig) -> str:
-    from student.evaluate import metrics_table
+    from mmkd.student.evaluate import metrics_table
 
     head, rows = metrics_table(results)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -12,7 +12,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 from transformers import CLIPImageProcessorPil, LlavaProcessor, PreTrainedTokenizerFast
 
-from pipelines.demo_data import IMAGE_SIZE, corpus_words
+from mmkd.pipelines.demo_data import IMAGE_SIZE, corpus_words
 
 SPECIAL = ["<pad>", "<unk>", "<s>", "</s>", "<image>"]
 PATCH_SIZE = 16

@@ -5,7 +5,7 @@ object a line: ``{"id", "kind", "reason", "time"}``) while the pass goes on:
 
 - ``read``: the record itself is malformed (no id, empty conversation, wrong number of
   ``<image>`` placeholders, a JSONL line that is not UTF-8 or not JSON...); found by the
-  reader on the driver (pipelines.inputs.read_inputs with an ``errors`` list). The id is
+  reader on the driver (common.inputs.read_inputs with an ``errors`` list). The id is
   ``file#row`` (``file:line N`` for a broken JSONL line) when the record has none.
 - ``encode``: the worker cannot build the sample's sequence (missing or corrupt image,
   longer than max_length, no supervised token): encode_each catches the SampleError of
@@ -40,11 +40,11 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.samples import SampleError
-from storage.fs import join, open_fs, write_atomic
-from storage.schema import CacheRow, RAW_SCHEMA
-from storage.tables import raw_table
-from storage.writer import ERRORS_NAME
+from mmkd.common.samples import SampleError
+from mmkd.storage.fs import join, open_fs, write_atomic
+from mmkd.storage.schema import RAW_SCHEMA, CacheRow
+from mmkd.storage.tables import raw_table
+from mmkd.storage.writer import ERRORS_NAME
 
 KINDS = ("read", "encode", "worker-lost", "worker-error")
 ERROR_FIELDS = [pa.field("error", pa.string()), pa.field("error_kind", pa.string())]
@@ -113,7 +113,7 @@ def with_errors(rows: pa.Table | None, bad: list[tuple[str, str]], kind: str = "
 
 
 def batch_ids(batch: dict) -> list[str]:
-    """The ids of a map_batches batch of pipelines.teacher_pass._item dicts."""
+    """The ids of a map_batches batch of pipelines.workers.sample_item dicts."""
     return [str(json.loads(s)["id"]) for s in batch["sample"]]
 
 
@@ -184,7 +184,7 @@ class Quarantine:
         if len(self.records) == self._written or (not force and time.time() - self._last_write < 5):
             return
         data = "".join(json.dumps(r) + "\n" for r in self.records).encode()
-        write_atomic(self.fs, self.path, data)
+        write_atomic(self.path, data, self.fs)
         self._written, self._last_write = len(self.records), time.time()
 
     def take(self, table: pa.Table) -> pa.Table:

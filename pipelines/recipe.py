@@ -26,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from pipelines.config import ConfigError, merge_dicts, from_dict
+from mmkd.common.config import ConfigError, from_dict, merge_dicts
 
 
 @dataclass
@@ -55,7 +55,7 @@ def _substitute(value, root: str):
 def load_recipe(path: str | Path, root: str = DEFAULT_ROOT, workdir: str | None = None
                 ) -> tuple[str, list[RecipeStage]]:
     """(recipe name, its stages with resolved configs); every key is checked."""
-    from student.train import TrainConfig
+    from mmkd.student.train import TrainConfig
 
     path = Path(path)
     data = _substitute(yaml.safe_load(path.read_text()) or {}, root)
@@ -87,7 +87,7 @@ def load_recipe(path: str | Path, root: str = DEFAULT_ROOT, workdir: str | None 
 def run_recipe(path: str | Path, stage: str | None = None, fresh: bool = False, root: str = DEFAULT_ROOT,
                workdir: str | None = None, log=print) -> dict:
     """Run every stage in order (or only `stage`); returns {stage name: train summary}."""
-    from student.train import train
+    from mmkd.student.train import train
 
     name, stages = load_recipe(path, root, workdir)
     if stage is not None:

@@ -2,46 +2,38 @@
 writes its targets to a cache.
 
     samples (LLaVA JSON) -> batches planned by length (pipelines/batching.py) -> ray.data.from_arrow
-        -> map_batches(TeacherWorker, actor pool) -> iter_batches on the driver
+        -> map_batches(TeacherWorker or VllmTeacherWorker,
+                       actor pool: pipelines/workers.py) -> iter_batches on the driver
         -> storage.BackgroundWriter -> CacheWriter (committed shards + manifest)
 
 Workers preprocess (chat template, images, labels), run the teacher and return compact
 Arrow rows; the driver alone writes, so the manifest has one writer. Re-running the same
-command resumes: samples already committed are skipped (DESIGN invariant 3).
+command resumes: samples already committed are skipped (docs/architecture.md, invariant 3).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import threading
-import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
-import pyarrow as pa
-
-from pipelines.batching import batch_blocks, estimated_tokens, plan_batches, teacher_tokenizer
-from pipelines.preprocess import collate, encode_sample, image_token_count
-from pipelines.inputs import read_config_inputs
-from pipelines.progress import Progress
-from pipelines.quarantine import Quarantine, encode_each, guarded, with_errors, worker_options
-from pipelines.samples import PreferencePair, Sample, load_image
-from pipelines.vllm_worker import VllmTeacherWorker
-from storage.fs import join, open_fs
-from storage.manifest import MANIFEST_NAME, Manifest
-from storage.schema import MODES, RAW_SCHEMA, RECORD_KINDS, CacheError
-from storage.writer import BackgroundWriter, CacheWriter, count_targets
-from teacher_cache.vllm_backend import check_backend, check_settings
+from mmkd.common.config import InputsConfig, inline
+from mmkd.common.inputs import read_config_inputs
+from mmkd.common.preprocess import image_token_count
+from mmkd.pipelines.batching import batch_blocks, estimated_tokens, plan_batches, teacher_tokenizer
+from mmkd.pipelines.progress import Progress
+from mmkd.pipelines.quarantine import Quarantine, worker_options
+from mmkd.pipelines.workers import TeacherWorker, VllmTeacherWorker, sample_item
+from mmkd.storage.manifest import Manifest
+from mmkd.storage.schema import MODES, RAW_SCHEMA
+from mmkd.storage.writer import BackgroundWriter, count_targets, open_writer
+from mmkd.teacher_cache.extract import parse_records
+from mmkd.teacher_cache.vllm_backend import check_backend, check_settings
 
 
 @dataclass
 class TeacherPassConfig:
     teacher: str = ""  # Hugging Face model folder of the teacher (weights + processor)
-    data: str = ""  # LLaVA JSON/JSONL, preference JSONL, a save_to_disk folder or Parquet (pipelines/inputs.py)
-    image_root: str = ""  # folder the samples' image paths are relative to (not needed for embedded images)
-    data_split: str | None = None  # split of a DatasetDict / of the Parquet files (train-*.parquet)
-    image_column: str = "image"  # column (JSON key) of the image: path, bytes or HF Image; "" = no images
-    id_column: str = "id"  # column (JSON key) of each sample's unique id (RLAIF-V: idx)
+    inputs: InputsConfig = inline(InputsConfig)  # data, image_root, data_split, image_column, id_column
     output: str = ""  # cache folder (or fsspec URL) to create or resume
     records: str = "response"  # comma list of response, visual, relation; or "preference" (data = pairs JSONL)
     mode: str = "topk"  # "topk": k most probable ids; "sampled": ids drawn from the teacher
@@ -68,75 +60,6 @@ class TeacherPassConfig:
     max_retries: int = 3  # times Ray retries a batch whose worker process died; then its samples are reported
 
 
-class TeacherWorker:
-    """A Ray actor: holds the teacher, turns a batch of samples into cache rows."""
-
-    def __init__(self, cfg: TeacherPassConfig):
-        import torch
-
-        from teacher_cache.teacher import input_device, load_teacher, shared_vocab_size
-
-        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-        self.cfg = cfg
-        self.model, self.processor = load_teacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map or None,
-                                                  cfg.trust_remote_code)
-        self.device = input_device(self.model)
-        self.vocab_size = shared_vocab_size(self.processor, self.model.get_output_embeddings().weight.shape[0])
-        self.image_token_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
-        self.records = parse_records(cfg.records)
-        self._forward = threading.Lock()  # calls run on prefetch_batches + 1 threads; one at a time runs the teacher
-        self.gram = None
-        if "relation" in self.records:  # W^T W once per teacher: every R is then H G H^T
-            from teacher_cache.extract import head_gram
-
-            from student.model import output_head
-
-            self.gram = head_gram(output_head(self.model, self.vocab_size))
-
-    def _encode(self, sample: Sample):
-        return encode_sample(self.processor, sample, load_image(self.cfg.image_root, sample), self.cfg.max_length)
-
-    def _tensors(self, encoded: list) -> dict:
-        from teacher_cache.extract import to_device
-
-        return to_device(collate(encoded, self.processor.tokenizer.pad_token_id), self.device, self.model.dtype)
-
-    def __call__(self, batch: dict) -> pa.Table:
-        """The batch's RAW rows, and its bad samples as error rows (pipelines/quarantine.py):
-        each sample is encoded on its own, the teacher runs on those that encode."""
-        return guarded(self._rows, batch)
-
-    def _rows(self, batch: dict) -> pa.Table:
-        import torch
-
-        from teacher_cache.extract import extract_preference_rows, extract_rows
-
-        if self.records == ["preference"]:  # chosen sequences, then rejected, in one forward
-            pairs, encoded, bad = encode_each([PreferencePair(**json.loads(s)) for s in batch["sample"]],
-                                              lambda p: (self._encode(p.sample("chosen")),
-                                                         self._encode(p.sample("rejected"))))
-            if not pairs:
-                return with_errors(None, bad)
-            tensors = self._tensors([c for c, _ in encoded] + [r for _, r in encoded])
-            with self._forward:
-                rows = extract_preference_rows(self.model, tensors, [p.id for p in pairs], self.image_token_id,
-                                               self.vocab_size)
-            return with_errors(rows, bad)
-        samples, encoded, bad = encode_each([Sample.from_json(s) for s in batch["sample"]], self._encode)
-        if not samples:
-            return with_errors(None, bad)
-        tensors = self._tensors(encoded)
-        ids = [s.id for s in samples]
-        gen = None
-        if self.cfg.mode == "sampled":  # draws depend on the seed and the batch's samples, not on timing
-            gen = torch.Generator(self.device).manual_seed(zlib.crc32(f"{self.cfg.seed}|{'|'.join(ids)}".encode()))
-        with self._forward:
-            rows = extract_rows(self.model, tensors, ids, self.image_token_id, self.cfg.mode, self.cfg.k,
-                                self.cfg.draws, self.cfg.temperature, gen, tuple(self.records), self.gram,
-                                self.vocab_size)
-        return with_errors(rows, bad)
-
-
 _POSITIONS = {
     "response": "supervised tokens, shifted (logits at t-1 for the token at t)",
     "visual": "image tokens, unshifted (logits at t)",
@@ -145,32 +68,17 @@ _POSITIONS = {
 }
 
 
-def parse_records(records: str) -> list[str]:
-    """'response,visual' -> ['response', 'visual'] in canonical order; checked."""
-    kinds = [k.strip() for k in records.split(",") if k.strip()]
-    bad = [k for k in kinds if k not in RECORD_KINDS]
-    if bad or not kinds:
-        raise ValueError(f"records {records!r}: choose from {', '.join(RECORD_KINDS)} (comma separated)")
-    if "preference" in kinds and len(kinds) > 1:
-        raise ValueError("records: 'preference' reads preference pairs and cannot be combined with "
-                         f"{[k for k in kinds if k != 'preference']}; make a separate cache for the pairs")
-    return [k for k in RECORD_KINDS if k in kinds]
-
-
 def read_inputs(cfg: TeacherPassConfig, errors: list | None = None) -> list:
     """The samples (or preference pairs) of cfg.data in any input format; each has a unique .id.
     errors: a list receiving (id, reason) per malformed record, left out (None: refuse the input)."""
-    return read_config_inputs(cfg, pairs=parse_records(cfg.records) == ["preference"], errors=errors)
-
-
-def _item(x) -> dict:
-    return {"sample": json.dumps(asdict(x)) if isinstance(x, PreferencePair) else x.to_json()}
+    return read_config_inputs(cfg.inputs, pairs=parse_records(cfg.records) == ["preference"], errors=errors)
 
 
 def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
     from transformers import AutoConfig, AutoProcessor
 
-    from teacher_cache.teacher import processor_description, shared_vocab_size, teacher_description
+    from mmkd.common.check import shared_vocab_size
+    from mmkd.teacher_cache.teacher import processor_description, teacher_description
 
     processor = AutoProcessor.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
     head_size = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code
@@ -194,34 +102,9 @@ def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
         extraction={"mode": cfg.mode, **width, "temperature": cfg.temperature, "record_kinds": kinds,
                     "positions": "; ".join(f"{k}: {_POSITIONS[k]}" for k in kinds), "max_length": cfg.max_length,
                     "backend": cfg.backend},
-        inputs={"data": str(cfg.data), "num_samples": num_samples,
-                **({"split": cfg.data_split} if cfg.data_split else {})},
+        inputs={"data": str(cfg.inputs.data), "num_samples": num_samples,
+                **({"split": cfg.inputs.data_split} if cfg.inputs.data_split else {})},
     )
-
-
-def open_writer(cfg: TeacherPassConfig, fresh: Manifest) -> CacheWriter:
-    """A writer on cfg.output: resumes a cache made with the same settings, refuses one
-    made with others unless cfg.new_cache."""
-    out = cfg.output
-    fs, root = open_fs(out)
-    if fs.exists(join(root, MANIFEST_NAME)):
-        try:
-            old = Manifest.load(out)
-        except CacheError:
-            if not cfg.new_cache:
-                raise
-            old = None
-        if old is not None and old.settings() == fresh.settings():
-            return CacheWriter(out, old, cfg.rows_per_shard)
-        if old is not None and not cfg.new_cache:
-            diff = [k for k in fresh.settings() if fresh.settings()[k] != old.settings()[k]]
-            raise CacheError(
-                f"{out}: holds a cache made with other settings ({', '.join(diff)} differ); "
-                "choose another output folder or pass --new-cache to replace it"
-            )
-    # A fresh manifest lists no shards: the writer, once it holds the folder's lock,
-    # deletes every shard file there (so a live writer's shards are never touched).
-    return CacheWriter(out, fresh, cfg.rows_per_shard)
 
 
 def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
@@ -230,7 +113,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
 
     read_errors = None if cfg.fail_fast else []  # --fail-fast: the first malformed record stops the pass
     samples = read_inputs(cfg, read_errors)
-    writer = open_writer(cfg, build_manifest(cfg, len(samples)))
+    writer = open_writer(cfg.output, build_manifest(cfg, len(samples)), cfg.rows_per_shard, replace=cfg.new_cache)
     quarantine = Quarantine(cfg.output, writer, read_errors or [], cfg.fail_fast, cfg.max_retries, log)
     done = {sid for s in writer.manifest.shards for sid in s.sample_ids}
     pending = [s for s in samples if s.id not in done]
@@ -257,7 +140,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
         ctx.enable_progress_bars = False
         ctx.max_errored_blocks = 0 if cfg.fail_fast else -1  # a batch Ray gave up on: reported by quarantine.finish
         batches = plan_batches(pending, cfg.batch_size, lengths=lengths)  # similar lengths together, longest first
-        ds = ray.data.from_arrow(batch_blocks([[_item(s)["sample"] for s in b] for b in batches], cfg.batch_size,
+        ds = ray.data.from_arrow(batch_blocks([[sample_item(s)["sample"] for s in b] for b in batches], cfg.batch_size,
                                               cfg.num_workers))
         # transformers workers preprocess the next batch on a second thread while the teacher runs (TeacherWorker's
         # lock); not by default on CPU teachers, whose forward needs the same cores (docs/benchmarks.md)

@@ -27,9 +27,14 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
-def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
-    """Replace `path` with `data` so that readers see the old or the new bytes, never a mix."""
-    if not is_local(fs):
+def write_atomic(path: str | os.PathLike, data: bytes | str, fs: fsspec.AbstractFileSystem | None = None) -> None:
+    """Replace `path` with `data` (str: UTF-8) so that readers see the old or the new bytes,
+    never a mix, also after a power loss. fs: the file system `path` is in (None: local).
+    Local: a temporary name beside it (.NAME.PID.tmp), fsync, rename, fsync the folder.
+    Object stores: one PUT, which is atomic."""
+    data = data.encode() if isinstance(data, str) else data
+    path = str(path)
+    if fs is not None and not is_local(fs):
         fs.pipe_file(path, data)
         return
     tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{os.getpid()}.tmp"

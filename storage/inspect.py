@@ -6,8 +6,8 @@ from collections import Counter
 
 import numpy as np
 
-from storage.reader import TeacherCache
-from storage.schema import TOKEN_KINDS
+from mmkd.storage.reader import TeacherCache
+from mmkd.storage.schema import TOKEN_KINDS
 
 
 def _pct(a: np.ndarray) -> dict:

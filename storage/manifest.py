@@ -12,9 +12,9 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
-from storage.fs import join, open_fs, write_atomic
-from storage.schema import MODES, RECORD_KINDS, SCHEMA_VERSION, CacheError
-from storage.tables import CodecSettings, TargetSettings
+from mmkd.storage.fs import join, open_fs, write_atomic
+from mmkd.storage.schema import MODES, RECORD_KINDS, SCHEMA_VERSION, CacheError
+from mmkd.storage.tables import CodecSettings, TargetSettings
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "mmkd-teacher-cache"
@@ -87,9 +87,15 @@ class Manifest:
             "schema_version": self.schema_version,
         }
 
+    def settings_differ(self, other: "Manifest") -> list[str]:
+        """The names of the settings() in which the two caches differ (empty: their rows are
+        interchangeable, so one can resume or be merged with the other)."""
+        mine, theirs = self.settings(), other.settings()
+        return [k for k in mine if mine[k] != theirs.get(k)]
+
     def save(self, cache_dir: str) -> None:
         fs, root = open_fs(cache_dir)
-        write_atomic(fs, join(root, MANIFEST_NAME), json.dumps(asdict(self), indent=1).encode())
+        write_atomic(join(root, MANIFEST_NAME), json.dumps(asdict(self), indent=1), fs)
 
     @classmethod
     def load(cls, cache_dir: str) -> "Manifest":

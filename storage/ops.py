@@ -14,10 +14,10 @@ from datetime import datetime, timezone
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.manifest import Manifest
-from storage.reader import TeacherCache
-from storage.schema import CacheError
-from storage.writer import CacheWriter
+from mmkd.storage.manifest import Manifest
+from mmkd.storage.reader import TeacherCache
+from mmkd.storage.schema import CacheError
+from mmkd.storage.writer import CacheWriter
 
 
 def _fresh_copy(m: Manifest, inputs: dict) -> Manifest:
@@ -32,11 +32,9 @@ def merge_caches(inputs: list[str], output: str) -> Manifest:
     if not inputs:
         raise CacheError("merge needs at least one input cache")
     caches = [TeacherCache(p) for p in inputs]
-    first = caches[0].manifest.settings()
     for c in caches[1:]:
-        other = c.manifest.settings()
-        if other != first:
-            diff = [k for k in first if first[k] != other[k]]
+        diff = caches[0].manifest.settings_differ(c.manifest)
+        if diff:
             raise CacheError(f"{c.path}: made with other settings than {caches[0].path} ({', '.join(diff)} differ); "
                              "only caches of the same teacher, processor and extraction settings can be merged")
     owner: dict[str, str] = {}

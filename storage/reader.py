@@ -15,11 +15,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from storage.fs import join, open_fs
-from storage.manifest import Manifest, ShardInfo
-from storage.schema import STORED_SCHEMA, CacheError, CacheRow
-from storage.tables import VOCAB_ORDER_KEY, decode_stored, unpack_order
-from storage.writer import sha256_bytes
+from mmkd.storage.fs import join, open_fs
+from mmkd.storage.manifest import Manifest, ShardInfo
+from mmkd.storage.schema import STORED_SCHEMA, CacheError, CacheRow
+from mmkd.storage.tables import VOCAB_ORDER_KEY, decode_stored, unpack_order
+from mmkd.storage.writer import sha256_bytes
 
 REMAINDERS = ("drop", "pad")
 

@@ -121,7 +121,7 @@ def token_digest(input_ids: np.ndarray, image_token_id: int | None) -> str:
 
     Collapsing makes the digest independent of the visual token count, so a student with
     another vision tower can still check that its text tokens are the teacher's (targets
-    are aligned by order within their segment, DESIGN invariant 6).
+    are aligned by order within their segment, docs/architecture.md invariant 6).
     """
     ids = collapse_image_runs(input_ids, image_token_id)
     return hashlib.sha256(ids.astype("<i4").tobytes()).hexdigest()

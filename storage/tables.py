@@ -17,9 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import zstandard
 
-from storage import codec
-from storage.schema import (RAW_SCHEMA, STORED_SCHEMA, TOKEN_KINDS, CacheError, CacheRow, Preference,
-                            TokenTargets)
+from mmkd.storage import codec
+from mmkd.storage.schema import RAW_SCHEMA, STORED_SCHEMA, TOKEN_KINDS, CacheError, CacheRow, Preference, TokenTargets
 
 VOCAB_ORDER_KEY = b"mmkd.vocab_order"
 

@@ -1,10 +1,10 @@
 """Crash-safe shard writing: a shard is either committed (in the manifest) or invisible.
 
 Commit order: encode the buffered rows, write ``.shard-*.tmp``, fsync, rename to
-``shard-*.parquet``, then list it in the manifest (atomic rewrite). A crash before the
-manifest rewrite leaves an unlisted file that readers never see and the next writer
-deletes. One writer per cache folder at a time, enforced on local disks with an OS lock
-that dies with its process (so kill -9 leaves no stale lock). On object stores (s3://,
+``shard-*.parquet``, fsync the folder (storage.fs.write_atomic), then list it in the
+manifest (atomic rewrite). A crash before the manifest rewrite leaves an unlisted file that
+readers never see and the next writer deletes. One writer per cache folder at a time,
+enforced on local disks with an OS lock that dies with its process (so kill -9 leaves no stale lock). On object stores (s3://,
 gs://) there is no lock: run one teacher-pass driver per cache (it is the only writer).
 """
 
@@ -13,17 +13,16 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import io
-import os
 import uuid
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from storage.fs import is_local, join, open_fs
-from storage.manifest import MANIFEST_NAME, Manifest, ShardInfo
-from storage.schema import RAW_SCHEMA, TOKEN_KINDS, CacheError
-from storage.tables import encode_raw
+from mmkd.storage.fs import is_local, join, open_fs, write_atomic
+from mmkd.storage.manifest import MANIFEST_NAME, Manifest, ShardInfo
+from mmkd.storage.schema import RAW_SCHEMA, TOKEN_KINDS, CacheError
+from mmkd.storage.tables import encode_raw
 
 LOCK_NAME = ".writer.lock"
 # The teacher pass's record of quarantined samples (pipelines/quarantine.py): beside the
@@ -117,16 +116,7 @@ class CacheWriter:
         """Commit one shard file's bytes: the file gets its final name only when complete
         (local: tmp + fsync + rename; object stores: one PUT), then the manifest lists it."""
         name = f"shard-{len(self.manifest.shards):05d}-{uuid.uuid4().hex[:8]}.parquet"
-        path = join(self.root, name)
-        if is_local(self.fs):
-            tmp = join(self.root, f".{name}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        else:
-            self.fs.pipe_file(path, data)
+        write_atomic(join(self.root, name), data, self.fs)
         self.manifest.shards.append(ShardInfo(file=name, rows=len(sample_ids), bytes=len(data),
                                               sha256=sha256_bytes(data), sample_ids=sample_ids, targets=targets))
         self.manifest.save(self.path)
@@ -145,6 +135,32 @@ class CacheWriter:
         if self._lock is not None:
             self._lock.close()
         return self.manifest
+
+
+def open_writer(cache_dir: str, fresh: Manifest, rows_per_shard: int = 512, replace: bool = False) -> CacheWriter:
+    """The resume policy of a cache folder: a writer that continues the cache already in
+    `cache_dir` when it was made with the same settings as `fresh` (Manifest.settings: its
+    committed samples stay, the caller skips them), or starts `fresh` there. A folder holding
+    a cache of other settings, or an unreadable manifest, is refused naming what differs,
+    unless `replace` (then the old shards are deleted, once the writer holds the folder's
+    lock, so a live writer's shards are never touched)."""
+    fs, root = open_fs(cache_dir)
+    if fs.exists(join(root, MANIFEST_NAME)):
+        try:
+            old = Manifest.load(cache_dir)
+        except CacheError:
+            if not replace:
+                raise
+            old = None
+        if old is not None and not old.settings_differ(fresh):
+            return CacheWriter(cache_dir, old, rows_per_shard)
+        if old is not None and not replace:
+            raise CacheError(
+                f"{cache_dir}: holds a cache made with other settings ({', '.join(fresh.settings_differ(old))} "
+                "differ); choose another output folder or pass --new-cache to replace it"
+            )
+    # A fresh manifest lists no shards: the writer deletes every shard file there.
+    return CacheWriter(cache_dir, fresh, rows_per_shard)
 
 
 class BackgroundWriter:

@@ -40,7 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipelines.config import ConfigError
+from mmkd.common.config import ConfigError, to_dict
+from mmkd.storage.fs import write_atomic
 
 CHECKPOINTS = "checkpoints"  # folder under output_dir
 STATE = "trainer_state.json"  # the completion marker of one checkpoint
@@ -66,8 +67,8 @@ class Position:
 
 
 def math_config(config: dict, prefix: str = "") -> dict:
-    """The fields of a TrainConfig (as asdict gives) that change the math, flattened to
-    dotted names ("arch.text_hidden")."""
+    """The fields of a TrainConfig (its YAML form, common.config.to_dict) that change the
+    math, flattened to dotted names ("arch.text_hidden")."""
     flat = {}
     for key, value in config.items():
         if not prefix and key in NOT_MATH:
@@ -82,23 +83,13 @@ def math_config(config: dict, prefix: str = "") -> dict:
 def check_same_run(saved: dict, cfg, what: str) -> None:
     """Refuse to continue `what` (a checkpoint or a finished run, saved with the TrainConfig
     dict `saved`) under a config whose math differs, naming each differing field."""
-    old, new = math_config(saved), math_config(asdict(cfg))
+    old, new = math_config(saved), math_config(to_dict(cfg))
     diff = [f"{k}: {old.get(k, '(absent)')!r} there, {new.get(k, '(absent)')!r} now"
             for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     if diff:
         raise ConfigError(f"{what} was made with another config ({'; '.join(diff)}); it cannot be continued "
                           f"with this one. Use a new output_dir, or resume=false (--resume false) to train from step 0 "
                           f"in {cfg.output_dir}, replacing its run")
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace `path` with `text` in one step: a kill leaves the old file or the new one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def complete_checkpoints(out_dir: Path) -> list[Path]:
@@ -253,7 +244,7 @@ def save(engine, cfg, pos: Position, rank: int, world: int) -> Path:
 def mark_complete(folder: Path, cfg, pos: Position, world: int) -> None:
     """Write the checkpoint folder's trainer_state.json (atomically): from now on it is
     loaded. Called once every rank's files in it are on disk."""
-    state = {"position": asdict(pos), "world_size": world, "config": asdict(cfg)}
+    state = {"position": asdict(pos), "world_size": world, "config": to_dict(cfg)}
     write_atomic(folder / STATE, json.dumps(state, indent=1))
 
 

@@ -12,13 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pipelines.preprocess import IGNORE_INDEX, Encoded, collate, encode_sample, image_token_count, image_token_id
-from pipelines.check import vocab_digest
-from pipelines.samples import PreferencePair, Sample, load_image
-from storage.reader import CacheRow, TeacherCache
-from storage.fs import join
-from storage.schema import CacheError, collapse_image_runs, token_digest
-from storage.writer import ERRORS_NAME
+from mmkd.common.check import vocab_digest
+from mmkd.common.inputs import load_image
+from mmkd.common.preprocess import IGNORE_INDEX, Encoded, collate, encode_sample, image_token_count, image_token_id
+from mmkd.common.samples import PreferencePair, Sample
+from mmkd.storage.fs import join
+from mmkd.storage.reader import CacheRow, TeacherCache
+from mmkd.storage.schema import CacheError, collapse_image_runs, token_digest
+from mmkd.storage.writer import ERRORS_NAME
 
 
 class AlignmentError(CacheError):
@@ -264,8 +265,8 @@ def rank_batches(num_items: int, batch_size: int, rank: int, world_size: int, se
     """This rank's batches of item indices for one epoch.
 
     A seeded shuffle (same on every rank), cut to a multiple of world_size * batch_size so
-    every rank yields the same number of full batches (DESIGN invariant 7); the cut-off
-    tail differs per epoch because the shuffle does.
+    every rank yields the same number of full batches (docs/architecture.md, invariant 7);
+    the cut-off tail differs per epoch because the shuffle does.
     """
     order = list(range(num_items))
     random.Random(f"{seed}-{epoch}").shuffle(order)

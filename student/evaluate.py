@@ -17,28 +17,44 @@ of different k or modes (benchmarks/bench_offline_online.py).
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 
-from pipelines.preprocess import image_token_id
-from pipelines.inputs import read_inputs
-from storage.reader import TeacherCache
-from student.data import DistillDataset, check_student_vocab, collate_items
-from student.losses import dense_divergence, sparse_forward_kl
-from student.model import load_model
-from student.train import StudentOutputs, vision_inputs
+from mmkd.common.config import InputsConfig, inline
+from mmkd.common.inputs import read_config_inputs
+from mmkd.common.preprocess import image_token_id
+from mmkd.storage.reader import TeacherCache
+from mmkd.student.data import DistillDataset, check_student_vocab, collate_items
+from mmkd.student.losses import dense_divergence, sparse_forward_kl
+from mmkd.student.model import load_model
+from mmkd.student.outputs import StudentOutputs, vision_inputs
 
 
 def _answer(sample) -> str:
     return next(m["content"] for m in reversed(sample.messages) if m["role"] == "assistant").strip().lower()
 
 
+@dataclass
+class EvalConfig:
+    """`mmkd eval`: a saved model scored on a split."""
+
+    model: str = ""  # model folder (with its processor)
+    inputs: InputsConfig = inline(InputsConfig)  # the split's samples: data, image_root, data_split, ...
+    cache: str | None = None  # teacher cache of the same split, for KL to the teacher
+    teacher: str | None = None  # teacher model folder: loaded for the exact full-vocabulary KL (full_kl_to_teacher)
+    batch_size: int = 64
+    max_length: int = 256
+    # also write the metrics JSON here (None: MODEL/eval.json when the model is the output folder of
+    # `mmkd train`, for `mmkd plot`; "" writes nothing)
+    out: str | None = None
+
+
 @torch.no_grad()
-def evaluate(model_path: str, data: str, image_root: str, cache: str | None = None, batch_size: int = 64,
-             max_length: int = 256, device: str = "cpu", split: str | None = None, image_column: str = "image",
-             id_column: str = "id", teacher: str | None = None) -> dict:
-    """Metrics of the model saved at model_path on the samples in `data`:
+def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, batch_size: int = 64,
+             max_length: int = 256, device: str = "cpu", teacher: str | None = None) -> dict:
+    """Metrics of the model saved at model_path on the samples of `inputs`:
     accuracy (exact match), accuracy per task (the samples' "task" field, if any),
     kl_to_teacher (nats per supervised token, the bucket KL; only with a cache),
     full_kl_to_teacher (nats per supervised token over the full vocabulary; only with a
@@ -46,19 +62,19 @@ def evaluate(model_path: str, data: str, image_root: str, cache: str | None = No
     when the data has existence questions (task "exists"), hallucination_rate: the
     fraction of those about an ABSENT object that the model answers "yes" (POPE's
     false-positive rate; the answer is the argmax at the first answer token).
-    `data` is any input of pipelines.inputs.read_inputs (split / image_column / id_column as there)."""
+    `inputs.data` is any input of common.inputs.read_inputs."""
     from transformers import AutoProcessor
 
     model = load_model(model_path, device=device).eval()
     processor = AutoProcessor.from_pretrained(model_path)
-    samples = read_inputs(data, image_root=image_root, split=split, image_column=image_column, id_column=id_column)
+    samples = read_config_inputs(inputs)
     teacher_cache = TeacherCache(cache) if cache else None
-    dataset = DistillDataset(samples, processor, image_root, max_length, teacher_cache)
+    dataset = DistillDataset(samples, processor, inputs.image_root, max_length, teacher_cache)
     if teacher_cache is not None:
         check_student_vocab(teacher_cache, model, dataset.max_target_id)
     online = None
     if teacher:
-        from student.online import OnlineTeacher
+        from mmkd.student.online import OnlineTeacher
 
         online = OnlineTeacher(teacher, processor, model, device=device)
     vocab = teacher_cache.manifest.vocab_size if teacher_cache else online.vocab_size if online else None

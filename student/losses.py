@@ -5,7 +5,7 @@ student's vocabulary, k the cached top-k. ``student_logits`` [N, V] are the stud
 at the rows that correspond to the cached targets: for response targets the rows that
 predict the supervised tokens (shifted: logits at t-1 for the token at t); for visual
 targets (MDist) the rows AT the visual positions (unshifted). The loss functions do not
-care which: the caller picks the rows (student.train.StudentOutputs).
+care which: the caller picks the rows (student.outputs.StudentOutputs).
 
 Sparse terms never build a second [N, V] fp32 tensor for the backward: rows are processed
 in chunks with activation checkpointing, so autograd keeps one chunk's log-softmax at a time.
@@ -164,29 +164,6 @@ def _chunked(rows_fn, logits: torch.Tensor, row_args: tuple, extra: tuple, chunk
 
 
 # --- RDist: relations between visual tokens ------------------------------------------------
-
-def relation_matrix(hidden: torch.Tensor, head_weight: torch.Tensor, head_bias: torch.Tensor | None = None,
-                    gram: torch.Tensor | None = None) -> torch.Tensor:
-    """R = Z Z^T for Z = hidden @ W^T (+ b), the raw logits at n positions. The one
-    definition of R, used by the teacher pass (teacher_cache.extract) and by RDist.
-
-    hidden [n, d], head_weight W [V, d], head_bias b [V] or None. Computed as
-    H G H^T with the Gram matrix G = W^T W [d, d] (pass it in to reuse it across samples;
-    computed once per teacher), plus, with a bias, a 1^T + 1 a^T + b.b with a = H W^T b:
-    O(V d^2) once, then O(n d^2 + n^2 d) per sample, and no [n, V] tensor. fp32 whatever
-    the inputs' dtype. Returns [n, n].
-    """
-    h = hidden.float()
-    if gram is None:
-        w = head_weight.float()
-        gram = w.T @ w
-    r = h @ gram @ h.T
-    if head_bias is not None:
-        b = head_bias.float()
-        a = h @ (head_weight.float().T @ b)
-        r = r + a[:, None] + a[None, :] + b @ b
-    return r
-
 
 def relation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], pooling: str = "sample") -> torch.Tensor:
     """RDist: 1 - cosine between the student's and the teacher's relation matrices.

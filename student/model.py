@@ -8,7 +8,6 @@ next to its processor, it loads like any downloaded checkpoint.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 from transformers import (
@@ -71,31 +70,10 @@ def build_llava(arch: LlavaArch, processor, seed: int = 0) -> LlavaForConditiona
     return LlavaForConditionalGeneration(config)
 
 
-class Head(NamedTuple):
-    """An output head restricted to the shared vocabulary: weight [V, d], bias [V] or None
-    (views of the model's head, no copy; apply with torch.nn.functional.linear)."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-
-
-def output_head(model, vocab_size: int | None = None) -> Head:
-    """The model's output head over ids < vocab_size (the cache's shared vocabulary; None =
-    every row). Teacher and student heads may be padded to different sizes (152,064 vs
-    151,936): both sides score the same ids, so the padded rows never enter a softmax."""
-    head = model.get_output_embeddings()
-    rows = head.weight.shape[0]
-    if vocab_size is not None and vocab_size > rows:
-        raise ValueError(f"the output head has {rows} rows, fewer than the shared vocabulary ({vocab_size} ids)")
-    v = rows if vocab_size is None else vocab_size
-    bias = getattr(head, "bias", None)
-    return Head(head.weight[:v], None if bias is None else bias[:v])
-
-
 def load_model(path: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """Load a saved image-text-to-text model (any family transformers' Auto classes know),
     or an MoE student saved by mmkd (student.moe), in eval mode."""
-    from student.moe import load_student
+    from mmkd.student.moe import load_student
 
     return load_student(path, dtype).to(device)
 
@@ -130,7 +108,7 @@ def set_trainable(model, which: str) -> int:
     if which not in TRAINABLE:
         raise ValueError(f"trainable {which!r}: choose one of {TRAINABLE}")
     if which == "moe":
-        from student.moe import trainable_moe_only
+        from mmkd.student.moe import trainable_moe_only
 
         return trainable_moe_only(model)
     inner = model.model

@@ -2,11 +2,11 @@
 the student, its full-vocabulary logits recomputed on every batch.
 
 LLaVA-KD and LLaVA-MoD keep the teacher on every GPU and take the dense KL at every step;
-mmkd replaces that with a cache (DESIGN invariant 5). `TrainConfig.online_teacher` brings
-the old way back so that both can be compared on the same data, student and settings
+mmkd replaces that with a cache (docs/architecture.md, invariant 5). `TrainConfig.online_teacher`
+brings the old way back so that both can be compared on the same data, student and settings
 (benchmarks/bench_offline_online.py): the teacher runs on the student's own batch (the
 same token ids and images) and its logits are taken at exactly the rows the student's
-terms use (student.train.StudentOutputs runs on both models), so the KD terms become
+terms use (student.outputs.StudentOutputs runs on both models), so the KD terms become
 student.losses.dense_divergence instead of a cached approximation. The price: one teacher
 forward per step and the teacher's weights in memory on every rank.
 
@@ -20,10 +20,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pipelines.check import compare_processors
-from pipelines.preprocess import image_token_id, process_image
-from student.model import load_model
-from student.train import StudentOutputs
+from mmkd.common.check import compare_processors
+from mmkd.common.preprocess import image_token_id, process_image
+from mmkd.student.model import load_model
+from mmkd.student.outputs import StudentOutputs
 
 
 def check_same_inputs(teacher_processor, student_processor, teacher_path: str) -> None:

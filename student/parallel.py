@@ -43,11 +43,13 @@ import contextlib
 import torch
 import torch.distributed as dist
 
-from pipelines.preprocess import IGNORE_INDEX
+from mmkd.common.heads import DTYPES
+from mmkd.common.preprocess import IGNORE_INDEX
 
 ROW_KINDS = ("tokens", "image_tokens", "samples")
 ZERO_STAGES = (0, 1, 2, 3)
-DTYPES = ("float32", "bfloat16")
+# the model dtypes training runs in: fp32, or DeepSpeed's bf16 mode (fp16 would need loss scaling)
+TRAIN_DTYPES = tuple(d for d in DTYPES if d != "float16")
 
 
 def term_rows(relation_pooling: str) -> dict[str, str]:

@@ -22,8 +22,8 @@ import math
 import os
 from pathlib import Path
 
-from student.evaluate import metrics_table
-from student.run_log import LOG_NAME, is_loss_key, read_train_log
+from mmkd.student.evaluate import metrics_table
+from mmkd.student.run_log import LOG_NAME, is_loss_key, read_train_log
 
 EVAL_NAME = "eval.json"  # `mmkd eval --out` default inside a run folder
 DEMO_RESULTS = "results.json"  # `mmkd demo`: {"config": ..., "results": {name: metrics}}

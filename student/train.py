@@ -30,18 +30,20 @@ import json
 import os
 import socket
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from pipelines.inputs import read_config_inputs
-from pipelines.preprocess import IGNORE_INDEX, VISION_KEYS, image_token_id
-from storage.reader import TeacherCache
-from student import checkpoint
-from student.data import (
+from mmkd.common.config import InputsConfig, inline, to_dict
+from mmkd.common.heads import DTYPES
+from mmkd.common.inputs import read_config_inputs
+from mmkd.common.preprocess import image_token_id
+from mmkd.storage.fs import write_atomic
+from mmkd.storage.reader import TeacherCache
+from mmkd.student import checkpoint
+from mmkd.student.data import (
     DistillDataset,
     PreferenceDataset,
     check_student_vocab,
@@ -49,7 +51,7 @@ from student.data import (
     collate_pairs,
     rank_batches,
 )
-from student.losses import (
+from mmkd.student.losses import (
     DIVERGENCES,
     LEFTOVER_MODES,
     PREFERENCE_LOSSES,
@@ -58,26 +60,32 @@ from student.losses import (
     dense_divergence,
     preference_loss,
     relation_loss,
-    relation_matrix,
     sampled_kd,
     sequence_logprobs,
     sparse_divergence,
 )
-from student.model import TRAINABLE, LlavaArch, build_llava, load_model, output_head, set_trainable
-from student.moe import MoEConfig, moe_aux_loss, moe_param_groups, save_moe, upcycle
-from student.optim import LR_SCHEDULES, OPTIMIZERS, build_optimizer, build_scheduler
-from student.parallel import (DTYPES, ZERO_STAGES, StepMeans, check_zero_stage, deepspeed_config, full_parameters,
-                              micro_batch_groups, per_rank, row_counts, term_rows)
-from student.run_log import RunLog, StepClock
+from mmkd.student.model import TRAINABLE, LlavaArch, build_llava, load_model, set_trainable
+from mmkd.student.moe import MoEConfig, moe_aux_loss, moe_param_groups, save_moe, upcycle
+from mmkd.student.optim import LR_SCHEDULES, OPTIMIZERS, build_optimizer, build_scheduler
+from mmkd.student.outputs import StudentOutputs, vision_inputs
+from mmkd.student.parallel import (
+    TRAIN_DTYPES,
+    ZERO_STAGES,
+    StepMeans,
+    check_zero_stage,
+    deepspeed_config,
+    full_parameters,
+    micro_batch_groups,
+    per_rank,
+    row_counts,
+    term_rows,
+)
+from mmkd.student.run_log import RunLog, StepClock
 
 
 @dataclass
 class TrainConfig:
-    data: str = ""  # LLaVA JSON/JSONL (objective distill) or preference pairs; or a save_to_disk folder / Parquet
-    image_root: str = ""  # folder the samples' image paths are relative to (not needed for embedded images)
-    data_split: str | None = None  # split of a DatasetDict / of the Parquet files (train-*.parquet)
-    image_column: str = "image"  # column (JSON key) of the image: path, bytes or HF Image; "" = no images
-    id_column: str = "id"  # column (JSON key) of each sample's unique id (RLAIF-V: idx)
+    inputs: InputsConfig = inline(InputsConfig)  # data, image_root, data_split, image_column, id_column
     processor: str = ""  # processor folder (tokenizer, chat template, image processor)
     output_dir: str = ""  # where the trained model (HF folder) and logs go
     cache: str | None = None  # teacher cache folder; None trains with CE only
@@ -163,56 +171,6 @@ def setup_distributed() -> tuple[int, int, str]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
-class StudentOutputs(torch.nn.Module):
-    """Wraps a multimodal model: forward(...) -> dict of what the loss terms need; the output
-    head runs only on the rows they use (never on all [B, T] positions), over the cache's
-    shared vocabulary (vocab_size; None = every head row).
-
-    logits [N, V]: at the rows that predict the N supervised tokens (shifted, t-1 for t),
-        row-major; targets [N] their token ids; rows_sample [N] the batch index of each.
-    visual_logits [M, V] (visual=True): AT the M image-token positions (unshifted), row-major.
-    relations (relation=True): per sample, R = Z Z^T [n, n] of the raw logits at its image
-        tokens, as H (W^T W) H^T (student.losses.relation_matrix; gradients reach H and W).
-    vision: the batch's image inputs (pixel_values and the family's image_sizes /
-        image_grid_thw, see pipelines.preprocess.VISION_KEYS), or None for text-only batches.
-    The head's weight is used only inside this forward: ZeRO-3 gathers it for this module's
-    forward and backward (student.parallel).
-    """
-
-    def __init__(self, model, image_token_id: int, vocab_size: int | None = None):
-        super().__init__()
-        self.model = model
-        self.image_token_id = image_token_id
-        self.vocab_size = vocab_size
-
-    def forward(self, input_ids, attention_mask, labels, vision: dict | None = None, visual: bool = False,
-                relation: bool = False) -> dict:
-        hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, **(vision or {}),
-                                  use_cache=False).last_hidden_state
-        head = output_head(self.model, self.vocab_size)
-        b, t = torch.nonzero(labels != IGNORE_INDEX, as_tuple=True)
-        out = {"logits": F.linear(hidden[b, t - 1], *head), "targets": labels[b, t], "rows_sample": b}
-        if visual or relation:
-            vb, vt = torch.nonzero((input_ids == self.image_token_id) & attention_mask.bool(), as_tuple=True)
-        if visual:
-            out["visual_logits"] = F.linear(hidden[vb, vt], *head)
-        if relation:
-            w = head.weight.float()
-            gram = w.T @ w  # once per step, shared by the batch's samples
-            out["relations"] = [relation_matrix(hidden[r, vt[vb == r]], head.weight, head.bias, gram)
-                                for r in range(input_ids.shape[0])]
-        return out
-
-
-def vision_inputs(batch: dict, dtype: torch.dtype | None = None) -> dict | None:
-    """The image inputs of a collated batch (None without images); floating ones (pixel
-    values) cast to the model's dtype."""
-    vision = {k: batch[k] for k in VISION_KEYS if k in batch}
-    if dtype is not None:
-        vision = {k: v.to(dtype) if v.is_floating_point() else v for k, v in vision.items()}
-    return vision or None
-
-
 def _token_kd(logits: torch.Tensor, batch: dict, prefix: str, cfg: "TrainConfig") -> torch.Tensor:
     """The divergence of one token record kind (prefix "target" = response, "visual") from the
     teacher's logits (online baseline), its sampled ids, or its cached top-k."""
@@ -276,7 +234,7 @@ def check_config(cfg: "TrainConfig") -> None:
                           ("divergence", DIVERGENCES), ("kd_leftover", LEFTOVER_MODES),
                           ("relation_pooling", RELATION_POOLING), ("preference_loss", PREFERENCE_LOSSES),
                           ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("zero_stage", ZERO_STAGES),
-                          ("dtype", DTYPES)):
+                          ("dtype", TRAIN_DTYPES)):
         if getattr(cfg, name) not in allowed:
             raise ValueError(f"{name} {getattr(cfg, name)!r}: choose one of {allowed}")
     if cfg.online_teacher and cfg.cache:
@@ -328,7 +286,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     # Data: the samples re-encoded by the student's processor, joined with cached targets.
     processor = AutoProcessor.from_pretrained(cfg.processor)
     preference = cfg.objective == "preference"
-    samples = read_config_inputs(cfg, pairs=preference)
+    samples = read_config_inputs(cfg.inputs, pairs=preference)
     if cfg.subset:
         import random
 
@@ -337,10 +295,11 @@ def train(cfg: TrainConfig, log=print) -> dict:
     cache = TeacherCache(cfg.cache) if cfg.cache else None
     kinds = used_record_kinds(cfg)
     if preference:
-        dataset = PreferenceDataset(samples, processor, cfg.image_root, cfg.max_length, cache)
+        dataset = PreferenceDataset(samples, processor, cfg.inputs.image_root, cfg.max_length, cache)
         collate_fn = partial(collate_pairs, pad_id=processor.tokenizer.pad_token_id)
     else:
-        dataset = DistillDataset(samples, processor, cfg.image_root, cfg.max_length, cache, cfg.keep_encoded, kinds)
+        dataset = DistillDataset(samples, processor, cfg.inputs.image_root, cfg.max_length, cache, cfg.keep_encoded,
+                                 kinds)
         collate_fn = partial(collate_items, pad_id=processor.tokenizer.pad_token_id)
     steps_per_epoch = len(rank_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, 0)) // cfg.grad_accum
     total_steps = steps_per_epoch * cfg.epochs
@@ -359,9 +318,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
     n_trainable = set_trainable(model, cfg.trainable)
     teacher = None
     if cfg.online_teacher:  # the comparison baseline (student/online.py)
-        from student.online import OnlineTeacher
+        from mmkd.student.online import OnlineTeacher
 
-        teacher = OnlineTeacher(cfg.online_teacher, processor, model, getattr(torch, cfg.dtype), device)
+        teacher = OnlineTeacher(cfg.online_teacher, processor, model, DTYPES[cfg.dtype], device)
     vocab = cache.manifest.vocab_size if cache else teacher.vocab_size if teacher else None
     wrapped = StudentOutputs(model, image_token_id(processor), vocab).train()
     groups = (moe_param_groups(model, cfg.lr, cfg.weight_decay) if is_moe
@@ -423,18 +382,18 @@ def train(cfg: TrainConfig, log=print) -> dict:
                 break
         if step >= total_steps:
             break
-    per_rank_batches = per_rank(micro_batches, device)  # the same on every rank (DESIGN invariant 7)
+    per_rank_batches = per_rank(micro_batches, device)  # the same on every rank (invariant 7)
     if rank == 0:
         log(f"[train] micro-batches per rank: {per_rank_batches}")
 
     # Save an ordinary Hugging Face model folder (loadable with from_pretrained).
     summary = {"steps": step, "wall_s": round(time.time() - t0, 1), "final": last, "params": n_params,
-               "micro_batches_per_rank": per_rank_batches, "config": asdict(cfg)}
+               "micro_batches_per_rank": per_rank_batches, "config": to_dict(cfg)}
     with full_parameters(model, cfg.zero_stage):  # ZeRO-3: every rank takes part in the gather
         if rank == 0:
             run_log.close()
             save_moe(model, out_dir) if is_moe else model.save_pretrained(out_dir)
             processor.save_pretrained(out_dir)
-            checkpoint.write_atomic(out_dir / checkpoint.SUMMARY, json.dumps(summary, indent=1))
+            write_atomic(out_dir / checkpoint.SUMMARY, json.dumps(summary, indent=1))
             checkpoint.remove_checkpoints(out_dir)
     return summary

@@ -10,17 +10,50 @@ is never built. Top-k is taken on the model's device; only [n, k] results cross 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import pyarrow as pa
 import torch
 
-from storage.schema import CacheRow, Preference, TokenTargets, token_digest
-from storage.tables import raw_table
-from pipelines.preprocess import VISION_KEYS
-from student.losses import relation_matrix
-from student.model import output_head
+from mmkd.common.heads import Head, head_gram, output_head, relation_matrix, supervised_rows, visual_rows
+from mmkd.common.preprocess import VISION_KEYS
+from mmkd.storage.schema import MODES, RECORD_KINDS, CacheRow, Preference, TokenTargets, token_digest
+from mmkd.storage.tables import raw_table
 
-IGNORE_INDEX = -100
+
+def parse_records(records: str) -> list[str]:
+    """'response,visual' -> ['response', 'visual'] in canonical order; checked."""
+    kinds = [k.strip() for k in records.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in RECORD_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"records {records!r}: choose from {', '.join(RECORD_KINDS)} (comma separated)")
+    if "preference" in kinds and len(kinds) > 1:
+        raise ValueError("records: 'preference' reads preference pairs and cannot be combined with "
+                         f"{[k for k in kinds if k != 'preference']}; make a separate cache for the pairs")
+    return [k for k in RECORD_KINDS if k in kinds]
+
+
+@dataclass(frozen=True)
+class ExtractionSpec:
+    """What the teacher pass extracts (the manifest's `extraction`, less its bookkeeping).
+
+    records: the record kinds (parse_records). mode: "topk" keeps the k most probable ids
+    per position; "sampled" draws `draws` ids from the teacher (seeded by the caller's
+    generator). temperature: the teacher's softmax temperature. vocab_size: the shared
+    vocabulary (common.check.shared_vocab_size); head rows beyond it are left out (None:
+    every row)."""
+
+    records: tuple[str, ...] = ("response",)
+    mode: str = "topk"
+    k: int = 64
+    draws: int = 32
+    temperature: float = 1.0
+    vocab_size: int | None = None
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode {self.mode!r}: choose one of {MODES}")
 
 
 @torch.no_grad()
@@ -32,11 +65,22 @@ def final_hidden_states(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return out.last_hidden_state
 
 
+def _chunk_logits(hidden: torch.Tensor, head: Head, chunk_rows: int, temperature: float = 1.0):
+    """(start row, fp32 logits [n, V] / temperature) for chunks of chunk_rows rows of hidden
+    [N, d]. The head runs in fp32 whatever the model dtype: in bf16, logits near 20 would
+    round to steps of 0.125."""
+    weight = head.weight.float()
+    bias = head.bias.float() if head.bias is not None else None
+    for start in range(0, hidden.shape[0], chunk_rows):
+        logits = torch.nn.functional.linear(hidden[start:start + chunk_rows].float(), weight, bias)
+        yield start, (logits / temperature if temperature != 1.0 else logits)
+
+
 @torch.no_grad()
-def topk_logprobs(hidden: torch.Tensor, head, k: int, temperature: float = 1.0,
+def topk_logprobs(hidden: torch.Tensor, head: Head, k: int, temperature: float = 1.0,
                   chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-k of log_softmax(head(hidden) / temperature) for rows hidden [N, d]; head is a
-    linear output layer, applied in fp32 whatever the model dtype.
+    linear output layer (weight, bias), applied in fp32 whatever the model dtype.
 
     Returns ids int64 [N, k], logprobs float32 [N, k] (descending), and leftover float32
     [N] = the probability mass outside the top k, computed as exp(logsumexp over the other
@@ -44,13 +88,7 @@ def topk_logprobs(hidden: torch.Tensor, head, k: int, temperature: float = 1.0,
     probs) would cancel to 0 in float32).
     """
     ids, vals, rest = [], [], []
-    # The head itself runs in fp32: in bf16, logits near 20 would round to steps of 0.125.
-    weight = head.weight.float()
-    bias = head.bias.float() if getattr(head, "bias", None) is not None else None
-    for start in range(0, hidden.shape[0], chunk_rows):
-        logits = torch.nn.functional.linear(hidden[start:start + chunk_rows].float(), weight, bias)
-        if temperature != 1.0:
-            logits = logits / temperature
+    for _, logits in _chunk_logits(hidden, head, chunk_rows, temperature):
         v, i = torch.topk(logits, k, dim=-1)
         # one pass over the vocabulary after top-k: the rest's logsumexp on the logits with the
         # top k masked in place, then the total from it and the k values (no second full pass)
@@ -63,7 +101,7 @@ def topk_logprobs(hidden: torch.Tensor, head, k: int, temperature: float = 1.0,
 
 
 @torch.no_grad()
-def sampled_ids(hidden: torch.Tensor, head, draws: int, temperature: float = 1.0,
+def sampled_ids(hidden: torch.Tensor, head: Head, draws: int, temperature: float = 1.0,
                 generator: torch.Generator | None = None, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw `draws` ids per row from softmax(head(hidden) / temperature) with replacement
     (the Sparse Logit Sampling estimator: count / draws is unbiased for the probability).
@@ -71,12 +109,9 @@ def sampled_ids(hidden: torch.Tensor, head, draws: int, temperature: float = 1.0
     Returns ids int64 [N, draws] and counts int32 [N, draws]: each row's distinct ids with
     how often each was drawn, left-aligned; the remaining entries have count 0 (padding).
     """
-    weight = head.weight.float()
-    bias = head.bias.float() if getattr(head, "bias", None) is not None else None
     ids, counts = [], []
-    for start in range(0, hidden.shape[0], chunk_rows):
-        logits = torch.nn.functional.linear(hidden[start:start + chunk_rows].float(), weight, bias)
-        probs = torch.softmax(logits / temperature, dim=-1)
+    for _, logits in _chunk_logits(hidden, head, chunk_rows, temperature):
+        probs = torch.softmax(logits, dim=-1)
         drawn = torch.sort(torch.multinomial(probs, draws, replacement=True, generator=generator), dim=-1).values
         new = torch.ones_like(drawn, dtype=torch.bool)
         new[:, 1:] = drawn[:, 1:] != drawn[:, :-1]
@@ -86,52 +121,24 @@ def sampled_ids(hidden: torch.Tensor, head, draws: int, temperature: float = 1.0
     return torch.cat(ids), torch.cat(counts)
 
 
-def supervised_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch index, position) of every supervised token (labels != -100), row-major."""
-    b, t = torch.nonzero(labels != IGNORE_INDEX, as_tuple=True)
-    if (t == 0).any():
-        raise ValueError("a supervised token at position 0 has no preceding logits")
-    return b, t
-
-
-def visual_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, image_token_id: int | None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(batch index, position) of every visual (image) token, row-major."""
-    if image_token_id is None:
-        return torch.nonzero(torch.zeros_like(input_ids, dtype=torch.bool), as_tuple=True)
-    return torch.nonzero((input_ids == image_token_id) & attention_mask.bool(), as_tuple=True)
-
-
 @torch.no_grad()
-def token_logprobs(hidden: torch.Tensor, head, targets: torch.Tensor,
+def token_logprobs(hidden: torch.Tensor, head: Head, targets: torch.Tensor,
                    chunk_rows: int = 1024) -> torch.Tensor:
     """log softmax(head(hidden))[target] for rows hidden [N, d], targets [N]: float32 [N],
     chunked over rows, head in fp32."""
-    weight = head.weight.float()
-    bias = head.bias.float() if getattr(head, "bias", None) is not None else None
     out = []
-    for start in range(0, hidden.shape[0], chunk_rows):
-        logits = torch.nn.functional.linear(hidden[start:start + chunk_rows].float(), weight, bias)
+    for start, logits in _chunk_logits(hidden, head, chunk_rows):
         out.append(torch.log_softmax(logits, -1).gather(-1, targets[start:start + chunk_rows, None])[:, 0])
     return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
 
 
-def head_gram(head) -> torch.Tensor:
-    """G = W^T W [d, d] in fp32 of a linear output head: computed once per teacher, it turns
-    every relation matrix into H G H^T (student.losses.relation_matrix)."""
-    w = head.weight.float()
-    return w.T @ w
-
-
-def _targets(hidden_rows, head, mode, k, draws, temperature, generator) -> dict:
+def _targets(hidden_rows: torch.Tensor, head: Head, spec: ExtractionSpec, generator) -> dict:
     """Top-k or sampled targets of rows hidden_rows [n, d], as numpy arrays."""
-    if mode == "topk":
-        ids, lps, left = (x.cpu().numpy() for x in topk_logprobs(hidden_rows, head, k, temperature))
+    if spec.mode == "topk":
+        ids, lps, left = (x.cpu().numpy() for x in topk_logprobs(hidden_rows, head, spec.k, spec.temperature))
         return {"ids": ids, "logprobs": lps, "leftover": left}
-    if mode == "sampled":
-        ids, counts = (x.cpu().numpy() for x in sampled_ids(hidden_rows, head, draws, temperature, generator))
-        return {"ids": ids, "counts": counts}
-    raise ValueError(f"mode {mode!r}: choose topk or sampled")
+    ids, counts = (x.cpu().numpy() for x in sampled_ids(hidden_rows, head, spec.draws, spec.temperature, generator))
+    return {"ids": ids, "counts": counts}
 
 
 def _per_sample(b: torch.Tensor, t: torch.Tensor, targets: dict, n: int) -> list[TokenTargets]:
@@ -142,24 +149,24 @@ def _per_sample(b: torch.Tensor, t: torch.Tensor, targets: dict, n: int) -> list
 
 @torch.no_grad()
 def extract_rows(model, batch: dict[str, torch.Tensor], sample_ids: list[str], image_token_id: int | None,
-                 mode: str = "topk", k: int = 64, draws: int = 32, temperature: float = 1.0,
-                 generator: torch.Generator | None = None, records: tuple[str, ...] = ("response",),
-                 gram: torch.Tensor | None = None, vocab_size: int | None = None) -> pa.Table:
-    """Run the teacher on one batch and return the asked record kinds as a RAW_SCHEMA
-    table (storage.schema), one row per sample:
+                 spec: ExtractionSpec = ExtractionSpec(), generator: torch.Generator | None = None,
+                 gram: torch.Tensor | None = None) -> pa.Table:
+    """Run the teacher on one batch and return spec.records as a RAW_SCHEMA table
+    (storage.schema), one row per sample:
 
     - "response": for the supervised token at t, the distribution of the logits at t-1
-      (top-k log-probs + leftover, mode="topk"; or sampled ids + counts, mode="sampled");
+      (top-k log-probs + leftover, spec.mode "topk"; or sampled ids + counts, "sampled",
+      drawn with `generator`);
     - "visual": the same at every image-token position t, from the logits AT t (MDist);
     - "relation": R = Z Z^T of the raw logits Z at the image-token positions, computed as
-      H G H^T (gram = head_gram(head), pass it to compute it once per teacher).
+      H G H^T (gram = head_gram(head weight), pass it to compute it once per teacher).
 
     batch tensors are on the model's (input) device; labels mark supervised tokens
-    (unshifted). vocab_size: the shared vocabulary (teacher_cache.teacher.shared_vocab_size);
-    the head's padded rows beyond it are left out. The LLM body runs once; the output head
-    only on the rows that become targets.
+    (unshifted). The head is restricted to spec.vocab_size (its padded rows are left out).
+    The LLM body runs once; the output head only on the rows that become targets.
     """
-    head = output_head(model, vocab_size)
+    head = output_head(model, spec.vocab_size)
+    records = spec.records
     # under a device_map the last hidden states live on the head's device, not the input's
     hidden = final_hidden_states(model, batch).to(head.weight.device)
     batch = {k: v.to(head.weight.device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")}
@@ -167,14 +174,14 @@ def extract_rows(model, batch: dict[str, torch.Tensor], sample_ids: list[str], i
     kinds: dict[str, list] = {}
     if "response" in records:
         b, t = supervised_rows(batch["labels"])
-        kinds["response"] = _per_sample(b, t, _targets(hidden[b, t - 1], head, mode, k, draws, temperature, generator), n)
+        kinds["response"] = _per_sample(b, t, _targets(hidden[b, t - 1], head, spec, generator), n)
     if "visual" in records or "relation" in records:
         b, t = visual_rows(batch["input_ids"], batch["attention_mask"], image_token_id)
     if "visual" in records:
-        kinds["visual"] = _per_sample(b, t, _targets(hidden[b, t], head, mode, k, draws, temperature, generator), n)
+        kinds["visual"] = _per_sample(b, t, _targets(hidden[b, t], head, spec, generator), n)
     if "relation" in records:
         if gram is None:
-            gram = head_gram(head)
+            gram = head_gram(head.weight)
         kinds["relation"] = [relation_matrix(hidden[r, t[b == r]], head.weight, head.bias, gram).cpu().numpy()
                              if (b == r).any() else np.zeros((0, 0), np.float32) for r in range(n)]
     input_ids = batch["input_ids"].cpu().numpy()

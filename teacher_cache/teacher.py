@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from mmkd.common.check import vocab_digest
+from mmkd.common.heads import DTYPES
 
 
 def resolve_device(device: str) -> torch.device:
@@ -58,14 +59,6 @@ def input_device(model) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def shared_vocab_size(processor, head_size: int) -> int:
-    """The vocabulary teacher targets live in: the tokenizer's ids that the output head
-    (head_size rows) scores. Checkpoints pad their head past the tokenizer (LLaVA-1.5 32,064
-    rows for 32,002 tokens; Qwen2-VL 151,936 for about 151.7k); padded rows are no tokens, so
-    extraction leaves them out and every cached id is < this number."""
-    return min(len(processor.tokenizer), head_size)
-
-
 def _sha256_text(s: str | None) -> str | None:
     return None if s is None else hashlib.sha256(s.encode()).hexdigest()
 
@@ -90,8 +83,6 @@ def processor_description(processor, num_visual_tokens: int) -> dict:
     vocab = json.dumps(sorted(tok.get_vocab().items(), key=lambda kv: kv[1]))
     specials = json.dumps({k: str(v) for k, v in sorted(tok.special_tokens_map.items())})
     template = getattr(processor, "chat_template", None) or tok.chat_template
-    from pipelines.check import vocab_digest
-
     return {
         "tokenizer_sha256": _sha256_text(vocab + specials),
         "vocab_sha256": vocab_digest(tok),

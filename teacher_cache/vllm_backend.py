@@ -30,7 +30,7 @@ relatively than the transformers backend's, which computes it as a logsumexp ove
 entries. In bfloat16/float16 vLLM also applies the output head in that dtype (the
 transformers backend upcasts the head to float32).
 
-Sequences. vLLM is fed exactly the ids pipelines.preprocess.encode_sample built, as
+Sequences. vLLM is fed exactly the ids common.preprocess.encode_sample built, as
 ``{"prompt_token_ids": ..., "multi_modal_data": {"image": pil_image}}``. vLLM expands image
 placeholders itself (a token prompt with an already expanded run would be expanded again),
 so each run of image tokens is collapsed to one placeholder before it is passed, and the
@@ -40,7 +40,7 @@ encode_sample's ids token for token; otherwise VllmBackendError names the sample
 Weight names. vLLM's LLaVA expects the vision tower's weights under
 ``vision_tower.vision_model.*`` (the layout of published checkpoints); transformers 5 saves
 them as ``vision_tower.embeddings.*`` etc. Such a checkpoint is refused with a message that
-points to convert_weights_for_vllm (``python -m teacher_cache.vllm_backend convert-weights
+points to convert_weights_for_vllm (``python -m mmkd.teacher_cache.vllm_backend convert-weights
 SRC DST``): it rewrites only the tensor names, and transformers loads the result unchanged.
 
 This module imports vLLM only inside the functions that need it.
@@ -58,10 +58,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from storage.schema import CacheRow, Preference, TokenTargets, collapse_image_runs, token_digest
-from storage.tables import raw_table
+from mmkd.common.preprocess import IGNORE_INDEX
+from mmkd.storage.schema import CacheRow, Preference, TokenTargets, collapse_image_runs, token_digest
+from mmkd.storage.tables import raw_table
 
-IGNORE_INDEX = -100
 BACKENDS = ("transformers", "vllm")
 # vision configs whose vLLM model class keeps the tower under `vision_model.`
 _WRAPPED_VISION_TOWERS = ("clip_vision_model", "siglip_vision_model")
@@ -137,7 +137,7 @@ def weight_layout_problem(path: str | Path) -> str | None:
     example = next(iter(renames))
     return (f"{path}: the vision tower's weights are named like {example!r} (the layout transformers 5 "
             f"saves); vLLM expects {renames[example]!r} (the layout of published checkpoints). Convert once "
-            f"with `python -m teacher_cache.vllm_backend convert-weights {path} <new folder>` (renames the "
+            f"with `python -m mmkd.teacher_cache.vllm_backend convert-weights {path} <new folder>` (renames the "
             "tensors, values unchanged; transformers loads the result too) and pass that folder as --teacher")
 
 
@@ -297,7 +297,7 @@ def score_sequences(llm, sequences: list[np.ndarray], images: list, sample_ids: 
     NextTokenTable. k = 0 asks only for the actual tokens' log-probs (preference).
 
     head_padding: rows of the teacher's output head past the shared vocabulary (vocab_size
-    ids; teacher_cache.teacher.shared_vocab_size). vLLM ranks over the whole head, so it is
+    ids; common.check.shared_vocab_size). vLLM ranks over the whole head, so it is
     asked for k + head_padding entries and each row keeps its k best ids < vocab_size: the
     same id set as the transformers backend, which leaves the padded rows out. (vLLM's
     log-probs stay normalised over the whole head: they differ from the transformers
@@ -409,7 +409,7 @@ def preference_rows_from_tables(tables: list[NextTokenTable], labels: list[np.nd
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) != 3 or argv[0] != "convert-weights":
-        print("usage: python -m teacher_cache.vllm_backend convert-weights SRC DST\n"
+        print("usage: python -m mmkd.teacher_cache.vllm_backend convert-weights SRC DST\n"
               "  copy the checkpoint folder SRC to DST with the vision tower's tensors named as vLLM expects",
               file=sys.stderr)
         return 2

@@ -19,9 +19,9 @@ import torch
 
 torch.set_num_threads(2)
 
-from pipelines.demo_data import write_demo_dataset
-from pipelines.demo_processor import build_demo_processor
-from student.model import LlavaArch, build_llava
+from mmkd.pipelines.demo_data import write_demo_dataset
+from mmkd.pipelines.demo_processor import build_demo_processor
+from mmkd.student.model import LlavaArch, build_llava
 
 TINY = LlavaArch(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1,
                  text_heads=2, text_intermediate=64)
@@ -62,12 +62,13 @@ def teacher_dir(tmp_path_factory, processor):
 def small_cache(teacher_dir, demo_dir, tmp_path_factory):
     """A cache of the train split (response, visual and relation records, top-4) written
     without Ray (extraction + writer directly)."""
-    from pipelines.preprocess import collate, encode_sample, image_token_count, image_token_id
-    from pipelines.samples import load_image, read_llava
-    from storage.manifest import Manifest
-    from storage.writer import CacheWriter
-    from teacher_cache.extract import extract_rows, to_device
-    from teacher_cache.teacher import load_teacher
+    from mmkd.common.inputs import load_image
+    from mmkd.common.preprocess import collate, encode_sample, image_token_count, image_token_id
+    from mmkd.common.samples import read_llava
+    from mmkd.storage.manifest import Manifest
+    from mmkd.storage.writer import CacheWriter
+    from mmkd.teacher_cache.extract import ExtractionSpec, extract_rows, to_device
+    from mmkd.teacher_cache.teacher import load_teacher
 
     out = tmp_path_factory.mktemp("cache")
     model, processor = load_teacher(str(teacher_dir), "float32", "cpu")
@@ -83,6 +84,6 @@ def small_cache(teacher_dir, demo_dir, tmp_path_factory):
         chunk = samples[i:i + 8]
         enc = [encode_sample(processor, s, load_image(demo_dir, s), 256) for s in chunk]
         batch = to_device(collate(enc, processor.tokenizer.pad_token_id), "cpu", torch.float32)
-        w.add(extract_rows(model, batch, [s.id for s in chunk], img, "topk", 4, records=records))
+        w.add(extract_rows(model, batch, [s.id for s in chunk], img, ExtractionSpec(k=4, records=records)))
     w.close(complete=True)
     return out

@@ -16,7 +16,7 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from pipelines.demo_data import corpus_words
+from mmkd.pipelines.demo_data import corpus_words
 
 FAMILIES = ("llava", "llava_onevision", "qwen2_vl", "qwen2_5_vl")
 WORDS = corpus_words() + [":", "?", ".", ",", "user", "assistant", "system", "\n"]
@@ -45,8 +45,14 @@ def _tokenizer(specials: list[str], image_token: str, chat_template: str, **name
 def tiny_qwen2_vl(out: str | Path, version: str = "2", head_padding: int = 0, seed: int = 0):
     """A Qwen2-VL (version "2") or Qwen2.5-VL ("2.5") with 8-pixel patches, 2x2 merging
     (one visual token per 16x16 pixels), images scaled to 16x16 .. 64x64 pixels."""
-    from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2VLConfig,
-                              Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor)
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLConfig,
+        Qwen2VLForConditionalGeneration,
+        Qwen2VLImageProcessor,
+        Qwen2VLProcessor,
+    )
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -81,8 +87,12 @@ def tiny_qwen2_vl(out: str | Path, version: str = "2", head_padding: int = 0, se
 def tiny_llava_onevision(out: str | Path, head_padding: int = 0, seed: int = 0):
     """A LLaVA-OneVision: SigLIP at 32x32 (patch 8 -> 16 tokens per tile), any-resolution
     tiling over 32x32..64x64 grids, an image-newline token per row of the unpadded grid."""
-    from transformers import (LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration,
-                              LlavaOnevisionImageProcessor, LlavaOnevisionProcessor)
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+    )
     from transformers.models.llava_onevision.video_processing_llava_onevision import LlavaOnevisionVideoProcessor
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"]
@@ -114,7 +124,7 @@ def tiny_llava_onevision(out: str | Path, head_padding: int = 0, seed: int = 0):
 
 def tiny_llava(out: str | Path, processor, head_padding: int = 0, seed: int = 0):
     """A LLaVA-1.5 on the demo processor, its output head padded by head_padding rows."""
-    from student.model import LlavaArch, build_llava
+    from mmkd.student.model import LlavaArch, build_llava
 
     model = build_llava(LlavaArch(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64, text_layers=2,
                                   text_heads=2, text_intermediate=128), processor, seed=seed)

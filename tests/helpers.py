@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from storage.manifest import Manifest
-from storage.schema import CacheRow, Preference, TokenTargets
-from storage.tables import raw_table
-from storage.writer import CacheWriter
+from mmkd.storage.manifest import Manifest
+from mmkd.storage.schema import CacheRow, Preference, TokenTargets
+from mmkd.storage.tables import raw_table
+from mmkd.storage.writer import CacheWriter
 
 
 def manifest(vocab=300, mode="topk", width=8, kinds=("response",)):
@@ -75,7 +75,7 @@ def write(path, ids, rows_per_shard=4, **kw):
 def assert_topk_close(t: TokenTargets, ref_ids: np.ndarray, ref_logprobs: np.ndarray) -> None:
     """Decoded top-k targets equal a reference top-k as sets, values within the codec's
     bound (1/128 nat above log p = -3, half the local level step below)."""
-    from storage.codec import LEVELS
+    from mmkd.storage.codec import LEVELS
 
     o, ro = np.argsort(t.ids, 1), np.argsort(ref_ids, 1)
     assert (np.take_along_axis(t.ids, o, 1) == np.take_along_axis(ref_ids, ro, 1)).all()

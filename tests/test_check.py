@@ -8,16 +8,17 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from pipelines.cli import main
-from pipelines.preprocess import collate, encode_sample, image_token_count, image_token_id
-from pipelines.samples import load_image, read_llava
-from storage.manifest import Manifest
-from storage.reader import TeacherCache
-from storage.schema import CacheError
-from storage.writer import CacheWriter
-from student.data import DistillDataset
-from teacher_cache.extract import extract_rows, to_device
-from teacher_cache.teacher import load_teacher, processor_description
+from mmkd.common.inputs import load_image
+from mmkd.common.preprocess import collate, encode_sample, image_token_count, image_token_id
+from mmkd.common.samples import read_llava
+from mmkd.pipelines.cli import main
+from mmkd.storage.manifest import Manifest
+from mmkd.storage.reader import TeacherCache
+from mmkd.storage.schema import CacheError
+from mmkd.storage.writer import CacheWriter
+from mmkd.student.data import DistillDataset
+from mmkd.teacher_cache.extract import ExtractionSpec, extract_rows, to_device
+from mmkd.teacher_cache.teacher import load_teacher, processor_description
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def cache_dir(teacher_dir, demo_dir, tmp_path_factory):
     w = CacheWriter(str(out), m)
     enc = [encode_sample(processor, s, load_image(demo_dir, s), 256) for s in samples]
     w.add(extract_rows(model, to_device(collate(enc, processor.tokenizer.pad_token_id), "cpu", torch.float32),
-                       [s.id for s in samples], image_token_id(processor), "topk", 4))
+                       [s.id for s in samples], image_token_id(processor), ExtractionSpec(k=4)))
     w.close(complete=True)
     return out
 

@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
-from pipelines.cli import build_parser, main
-from pipelines.config import ConfigError, load_config
-from pipelines.demo import DemoConfig
-from student.train import TrainConfig
+from mmkd.common.config import ConfigError, load_config
+from mmkd.pipelines.cli import build_parser, main
+from mmkd.pipelines.demo import DemoConfig
+from mmkd.student.train import TrainConfig
 
 
 def test_yaml_then_flags_override_defaults(tmp_path):
@@ -42,7 +42,7 @@ def test_shipped_configs_load():
 
 def test_every_subcommand_has_help():
     for cmd in (["demo"], ["teacher-pass"], ["train"], ["eval"], ["cache", "inspect"], ["cache", "verify"]):
-        r = subprocess.run([sys.executable, "-m", "pipelines.cli", *cmd, "--help"], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-m", "mmkd.pipelines.cli", *cmd, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: mmkd" in r.stdout, (cmd, r.stderr)
 
 

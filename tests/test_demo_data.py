@@ -3,9 +3,18 @@ import random
 
 from PIL import Image
 
-from pipelines.demo_data import (CELLS, COLORS, NUMBER_WORDS, SHAPES, describe, draw_scene, make_question,
-                                 random_scene, write_demo_dataset)
-from pipelines.samples import read_llava
+from mmkd.common.samples import read_llava
+from mmkd.pipelines.demo_data import (
+    CELLS,
+    COLORS,
+    NUMBER_WORDS,
+    SHAPES,
+    describe,
+    draw_scene,
+    make_question,
+    random_scene,
+    write_demo_dataset,
+)
 
 
 def test_dataset_is_deterministic_by_seed(tmp_path):
@@ -69,7 +78,7 @@ def test_preference_rejected_answers_hallucinate(tmp_path):
 
 
 def test_describe_reads_in_cell_order():
-    from pipelines.demo_data import Obj
+    from mmkd.pipelines.demo_data import Obj
 
     assert describe([Obj("red", "circle", 0), Obj("blue", "square", 3)]) == (
         "there is a red circle at the top left and a blue square at the bottom right.")

@@ -14,13 +14,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import student.parallel
-import student.train
-from pipelines.cli import build_parser
-from pipelines.config import load_config
-from student.moe import MoEConfig
-from student.optim import build_optimizer, build_scheduler
-from student.train import TrainConfig, check_config, train
+import mmkd.student.parallel
+import mmkd.student.train
+from mmkd.common.config import InputsConfig, load_config, to_dict
+from mmkd.pipelines.cli import build_parser
+from mmkd.student.moe import MoEConfig
+from mmkd.student.optim import build_optimizer, build_scheduler
+from mmkd.student.train import TrainConfig, check_config, train
+
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,7 +34,7 @@ LRS = [3e-3 * f for f in (0.5, 1.0, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0
 @pytest.fixture(scope="module")
 def base(demo_dir, processor_dir, small_cache):
     """A stage with every token-mean term (CE, response KD, visual KD, per-sample RDist)."""
-    return TrainConfig(data=str(demo_dir / "train.json"), image_root=str(demo_dir), processor=str(processor_dir),
+    return TrainConfig(inputs=InputsConfig(str(demo_dir / "train.json"), str(demo_dir)), processor=str(processor_dir),
                        cache=str(small_cache), arch=TINY, num_workers=0, epochs=2, lr=3e-3, lr_schedule="linear",
                        warmup_ratio=0.2, ce_weight=1.0, kd_weight=1.0, visual_weight=1.0, relation_weight=1.0,
                        log_every=1000)
@@ -87,7 +88,7 @@ def test_grad_accumulation_equals_the_full_batch(base, reference, tmp_path):
 def partition_all(cfg: TrainConfig) -> dict:
     """The DeepSpeed config, with ZeRO-3 partitioning every parameter: below its default
     persistence threshold (1e5 elements) it keeps parameters whole, all of the tiny model's."""
-    ds = student.parallel.deepspeed_config(cfg)
+    ds = mmkd.student.parallel.deepspeed_config(cfg)
     ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     return ds
 
@@ -96,7 +97,7 @@ def test_zero3_equals_stage_0(base, reference, tmp_path, monkeypatch):
     """ZeRO-3 with every parameter partitioned, the output head included (the student
     wrapper reads its weight outside the head's forward): stage 0's loss curve, and the
     saved model (gathered from the partitions) is stage 0's."""
-    monkeypatch.setattr(student.train, "deepspeed_config", partition_all)
+    monkeypatch.setattr(mmkd.student.train, "deepspeed_config", partition_all)
     log, _ = _run(dataclasses.replace(base, batch_size=8, zero_stage=3, output_dir=str(tmp_path)))
     assert_same_curve(log, reference[0])
     want = load_file(Path(reference[1]["config"]["output_dir"]) / "model.safetensors")
@@ -111,10 +112,10 @@ def test_zero3_equals_stage_0(base, reference, tmp_path, monkeypatch):
 # of the time), with ZeRO-3 partitioning every parameter.
 RANK_SCRIPT = """
 import sys
-import student.train
-from pipelines.cli import main
+import mmkd.student.train
+from mmkd.pipelines.cli import main
 from tests.test_distributed import partition_all
-student.train.deepspeed_config = partition_all
+mmkd.student.train.deepspeed_config = partition_all
 for config in sys.argv[1:]:
     assert main(["train", "--config", config]) == 0
 """
@@ -128,7 +129,7 @@ def test_two_ranks_equal_one_rank_with_the_same_global_batch(base, reference, tm
     for stage in (0, 2, 3):
         cfg = dataclasses.replace(base, batch_size=4, zero_stage=stage, output_dir=str(tmp_path / f"zero{stage}"))
         configs.append(tmp_path / f"zero{stage}.yaml")
-        configs[-1].write_text(json.dumps(dataclasses.asdict(cfg)))  # JSON is YAML
+        configs[-1].write_text(json.dumps(to_dict(cfg)))  # JSON is YAML
     script = tmp_path / "rank.py"
     script.write_text(RANK_SCRIPT)
     # a fresh launch: not the single-rank rendezvous settings this test process set up

@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from pipelines.config import load_config
-from pipelines.demo import DemoConfig, run_demo
-from pipelines.samples import read_llava
-from storage.inspect import inspect_cache
-from storage.reader import TeacherCache
+from mmkd.common.config import load_config
+from mmkd.common.samples import read_llava
+from mmkd.pipelines.demo import DemoConfig, run_demo
+from mmkd.storage.inspect import inspect_cache
+from mmkd.storage.reader import TeacherCache
 
 
 @pytest.mark.slow

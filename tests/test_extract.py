@@ -3,13 +3,14 @@
 import numpy as np
 import torch
 
-from pipelines.preprocess import collate, encode_sample, image_token_id
-from pipelines.samples import load_image, read_llava
-from storage.codec import LEVELS
-from storage.schema import token_digest
-from storage.tables import CodecSettings, TargetSettings, decode_stored, encode_raw
-from teacher_cache.extract import extract_rows, sampled_ids, to_device, topk_logprobs
-from teacher_cache.teacher import load_teacher
+from mmkd.common.inputs import load_image
+from mmkd.common.preprocess import collate, encode_sample, image_token_id
+from mmkd.common.samples import read_llava
+from mmkd.storage.codec import LEVELS
+from mmkd.storage.schema import token_digest
+from mmkd.storage.tables import CodecSettings, TargetSettings, decode_stored, encode_raw
+from mmkd.teacher_cache.extract import ExtractionSpec, extract_rows, sampled_ids, to_device, topk_logprobs
+from mmkd.teacher_cache.teacher import load_teacher
 
 
 def test_topk_logprobs_and_leftover_match_dense():
@@ -42,7 +43,7 @@ def test_extract_rows_match_the_teachers_log_softmax(teacher_dir, demo_dir):
     enc = [encode_sample(processor, s, load_image(demo_dir, s), 128) for s in samples]
     batch = to_device(collate(enc, processor.tokenizer.pad_token_id), "cpu", torch.float32)
     k = 6
-    raw = extract_rows(model, batch, [s.id for s in samples], image_token_id(processor), "topk", k)
+    raw = extract_rows(model, batch, [s.id for s in samples], image_token_id(processor), ExtractionSpec(k=k))
     settings = TargetSettings(model.config.get_text_config().vocab_size, "topk", k, CodecSettings())
     stored = encode_raw(raw, settings)
     rows = decode_stored(stored, _order(stored), settings)
@@ -72,7 +73,7 @@ def test_extract_rows_match_the_teachers_log_softmax(teacher_dir, demo_dir):
 
 
 def _order(stored):
-    from storage.tables import VOCAB_ORDER_KEY, unpack_order
+    from mmkd.storage.tables import VOCAB_ORDER_KEY, unpack_order
     return unpack_order(stored.schema.metadata[VOCAB_ORDER_KEY])
 
 
@@ -116,8 +117,8 @@ def test_visual_targets_and_relations_match_the_full_logits(teacher_dir, demo_di
     samples, enc, batch = _batch(processor, demo_dir)
     img = image_token_id(processor)
     k = 5
-    raw = extract_rows(model, batch, [s.id for s in samples], img, "topk", k,
-                       records=("response", "visual", "relation"))
+    raw = extract_rows(model, batch, [s.id for s in samples], img, ExtractionSpec(k=k, records=("response", "visual",
+                                                                                                "relation")))
     settings = TargetSettings(model.config.get_text_config().vocab_size, "topk", k, CodecSettings())
     stored = encode_raw(raw, settings)
     rows = decode_stored(stored, _order(stored), settings)
@@ -140,7 +141,7 @@ def test_visual_targets_and_relations_match_the_full_logits(teacher_dir, demo_di
 
 
 def test_preference_rows_are_the_teachers_answer_logprobs(teacher_dir, demo_dir):
-    from pipelines.samples import read_preference
+    from mmkd.common.samples import read_preference
 
     model, processor = load_teacher(str(teacher_dir), "float32", "cpu")
     pairs = read_preference(demo_dir / "preference.jsonl")[:3]
@@ -148,7 +149,7 @@ def test_preference_rows_are_the_teachers_answer_logprobs(teacher_dir, demo_dir)
            for w in ("chosen", "rejected") for p in pairs]
     batch = to_device(collate(enc, processor.tokenizer.pad_token_id), "cpu", torch.float32)
     img = image_token_id(processor)
-    from teacher_cache.extract import extract_preference_rows
+    from mmkd.teacher_cache.extract import extract_preference_rows
 
     raw = extract_preference_rows(model, batch, [p.id for p in pairs], img)
     logp = torch.log_softmax(_full_logits(model, batch), -1)

@@ -16,12 +16,14 @@ import pytest
 import torch
 from PIL import Image
 
+from mmkd.common.check import shared_vocab_size
+from mmkd.common.preprocess import collate, encode_sample, image_token_id, render
+from mmkd.common.samples import Sample
+from mmkd.storage.codec import decode_relation
+from mmkd.teacher_cache.extract import ExtractionSpec, extract_preference_rows, extract_rows, to_device
+from mmkd.teacher_cache.teacher import load_teacher
+
 from families import build
-from pipelines.preprocess import collate, encode_sample, image_token_id, render
-from pipelines.samples import Sample
-from storage.codec import decode_relation
-from teacher_cache.extract import extract_preference_rows, extract_rows, to_device
-from teacher_cache.teacher import load_teacher, shared_vocab_size
 
 HAS_TORCHVISION = importlib.util.find_spec("torchvision") is not None
 NEEDS_TORCHVISION = pytest.mark.skipif(
@@ -85,8 +87,8 @@ def test_extraction_matches_the_full_forward(checkpoint):
     img = image_token_id(proc)
     batch = to_device(collate(enc, proc.tokenizer.pad_token_id), "cpu", torch.float32)
     k = 8
-    raw = extract_rows(model, batch, [s.id for s in SAMPLES], img, "topk", k,
-                       records=("response", "visual", "relation"), vocab_size=vocab).to_pylist()
+    spec = ExtractionSpec(k=k, records=("response", "visual", "relation"), vocab_size=vocab)
+    raw = extract_rows(model, batch, [s.id for s in SAMPLES], img, spec).to_pylist()
     counts = []
     for e, im, row in zip(enc, IMAGES, raw):
         single = to_device(collate([e], proc.tokenizer.pad_token_id), "cpu", torch.float32)
@@ -126,7 +128,7 @@ def _check_topk(ref: torch.Tensor, row: dict, kind: str, k: int) -> None:
 
 
 def test_preference_logprobs_match_the_full_forward(checkpoint):
-    from pipelines.samples import PreferencePair
+    from mmkd.common.samples import PreferencePair
 
     _, folder = checkpoint
     model, proc = load_teacher(folder, device="cpu")
@@ -149,8 +151,8 @@ def test_student_forward_scores_the_same_rows(checkpoint):
     """The trainer's forward (StudentOutputs) on a family model = its full forward at the
     supervised rows and image tokens, over the shared vocabulary; gradients reach the
     vision side."""
-    from student.model import load_model
-    from student.train import StudentOutputs, vision_inputs
+    from mmkd.student.model import load_model
+    from mmkd.student.outputs import StudentOutputs, vision_inputs
 
     _, folder = checkpoint
     model = load_model(folder)
@@ -186,7 +188,8 @@ def test_device_map_loading_gives_the_same_targets(teacher_dir, demo_dir):
     """device_map (a teacher spread over GPUs) goes through accelerate's dispatch; on this
     machine every layer maps to the CPU, and the targets must not change."""
     pytest.importorskip("accelerate")  # a dependency of mmkd; the vLLM environment may lack it
-    from pipelines.samples import load_image, read_llava
+    from mmkd.common.inputs import load_image
+    from mmkd.common.samples import read_llava
 
     samples = read_llava(demo_dir / "train.json")[:3]
     rows = []
@@ -194,15 +197,15 @@ def test_device_map_loading_gives_the_same_targets(teacher_dir, demo_dir):
         model, proc = load_teacher(str(teacher_dir), device="cpu", device_map=device_map)
         enc = [encode_sample(proc, s, load_image(demo_dir, s), 256) for s in samples]
         batch = to_device(collate(enc, proc.tokenizer.pad_token_id), "cpu", torch.float32)
-        rows.append(extract_rows(model, batch, [s.id for s in samples], image_token_id(proc), "topk", 4,
-                                 vocab_size=len(proc.tokenizer)).to_pylist())
+        rows.append(extract_rows(model, batch, [s.id for s in samples], image_token_id(proc),
+                                 ExtractionSpec(k=4, vocab_size=len(proc.tokenizer))).to_pylist())
     assert rows[0] == rows[1]
 
 
 def test_stage_freezing_finds_each_familys_projector(checkpoint):
     """trainable=projector trains only the vision-to-LLM projector (LLaVA's MLP, Qwen2-VL's
     patch merger); llm+projector adds the LLM and head, never the vision encoder."""
-    from student.model import load_model, projector_parameters, set_trainable
+    from mmkd.student.model import load_model, projector_parameters, set_trainable
 
     _, folder = checkpoint
     model = load_model(folder)
@@ -222,7 +225,8 @@ def test_stage_freezing_finds_each_familys_projector(checkpoint):
 def test_half_precision_teachers_give_close_targets(teacher_dir, demo_dir, dtype):
     """--dtype bfloat16 / float16: weights and activations in that dtype, the output head
     and log-softmax in fp32 (extract.topk_logprobs); targets stay close to the fp32 teacher's."""
-    from pipelines.samples import load_image, read_llava
+    from mmkd.common.inputs import load_image
+    from mmkd.common.samples import read_llava
 
     samples = read_llava(demo_dir / "train.json")[:4]
     out = {}
@@ -232,8 +236,8 @@ def test_half_precision_teachers_give_close_targets(teacher_dir, demo_dir, dtype
         enc = [encode_sample(proc, s, load_image(demo_dir, s), 256) for s in samples]
         batch = to_device(collate(enc, proc.tokenizer.pad_token_id), "cpu", model.dtype)
         assert batch["pixel_values"].dtype == model.dtype
-        out[dt] = extract_rows(model, batch, [s.id for s in samples], image_token_id(proc), "topk", 4,
-                               vocab_size=len(proc.tokenizer)).to_pylist()
+        out[dt] = extract_rows(model, batch, [s.id for s in samples], image_token_id(proc),
+                               ExtractionSpec(k=4, vocab_size=len(proc.tokenizer))).to_pylist()
     for a, b in zip(out["float32"], out[dtype]):
         assert a["input_ids"] == b["input_ids"] and a["response_positions"] == b["response_positions"]
         top_a = np.asarray(a["response_logprobs"]).reshape(-1, 4).max(1)

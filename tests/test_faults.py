@@ -25,13 +25,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipelines.quarantine import FAULTS_ENV, WorkerError
-from pipelines.samples import SampleError, read_llava, read_preference
-from pipelines.teacher_pass import TeacherPassConfig, TeacherWorker, _item, run_teacher_pass
-from storage.manifest import Manifest
-from storage.reader import TeacherCache
-from storage.schema import CacheError
-from storage.writer import ERRORS_NAME, LOCK_NAME
+from mmkd.common.config import InputsConfig
+from mmkd.common.samples import SampleError, read_llava, read_preference
+from mmkd.pipelines.quarantine import FAULTS_ENV, WorkerError
+from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from mmkd.pipelines.workers import TeacherWorker, sample_item
+from mmkd.storage.manifest import Manifest
+from mmkd.storage.reader import TeacherCache
+from mmkd.storage.schema import CacheError
+from mmkd.storage.writer import ERRORS_NAME, LOCK_NAME
 
 REPO = Path(__file__).resolve().parent.parent
 QUIET = {"log": lambda *_: None}
@@ -48,8 +50,8 @@ def ray_local():
 
 def _cfg(teacher_dir, data, image_root, out, **kw):
     kw = {"k": 5, "batch_size": 4, "rows_per_shard": 8, **kw}
-    return TeacherPassConfig(teacher=str(teacher_dir), data=str(data), image_root=str(image_root), output=str(out),
-                             **kw)
+    return TeacherPassConfig(inputs=InputsConfig(data=str(data), image_root=str(image_root)), teacher=str(teacher_dir),
+                             output=str(out), **kw)
 
 
 @pytest.fixture(scope="module")
@@ -69,10 +71,11 @@ def reference(reference_cache):
 def _planned_around(cfg, manifest, sid):
     """The sample ids of the batches the pass plans before sample `sid`'s batch (longest
     first, pipelines/batching.py), and of that batch itself."""
-    from pipelines.batching import plan_batches, teacher_tokenizer
-    from pipelines.inputs import read_inputs
+    from mmkd.common.inputs import read_inputs
+    from mmkd.pipelines.batching import plan_batches, teacher_tokenizer
 
-    plan = [{x.id for x in b} for b in plan_batches(read_inputs(cfg.data, image_root=cfg.image_root), cfg.batch_size,
+    plan = [{x.id for x in b} for b in plan_batches(read_inputs(cfg.inputs.data, image_root=cfg.inputs.image_root),
+                                                    cfg.batch_size,
                                                      manifest.processor.get("num_visual_tokens") or 0,
                                                      teacher_tokenizer(cfg.teacher))]
     at = next(i for i, b in enumerate(plan) if sid in b)
@@ -149,8 +152,8 @@ def test_worker_returns_bad_samples_as_error_rows(teacher_dir, demo_dir, tmp_pat
     worker = TeacherWorker(cfg)
     errors = []
     samples = read_llava(path, errors=errors)
-    table = worker({"sample": [_item(s)["sample"] for s in samples]})
-    clean = worker({"sample": [_item(s)["sample"] for s in samples if s.id in good_ids]})
+    table = worker({"sample": [sample_item(s)["sample"] for s in samples]})
+    clean = worker({"sample": [sample_item(s)["sample"] for s in samples if s.id in good_ids]})
     got = {r["sample_id"]: r for r in table.to_pylist()}
     for sid in good_ids:
         assert got[sid]["error"] is None
@@ -160,7 +163,7 @@ def test_worker_returns_bad_samples_as_error_rows(teacher_dir, demo_dir, tmp_pat
     assert {sid for sid, r in got.items() if r["error"]} == set(encode_bad)
     for sid, why in encode_bad.items():
         assert got[sid]["error_kind"] == "encode" and why in got[sid]["error"] and sid in got[sid]["error"]
-    only_bad = worker({"sample": [_item(s)["sample"] for s in samples if s.id in encode_bad]})  # no forward at all
+    only_bad = worker({"sample": [sample_item(s)["sample"] for s in samples if s.id in encode_bad]})  # no forward at all
     assert only_bad.column("sample_id").to_pylist() == [s.id for s in samples if s.id in encode_bad]
     assert only_bad.column("error_kind").to_pylist() == ["encode"] * len(encode_bad)
 
@@ -168,7 +171,7 @@ def test_worker_returns_bad_samples_as_error_rows(teacher_dir, demo_dir, tmp_pat
     pairs = read_preference(demo_dir / "preference.jsonl")[:3]
     pairs[1].image = "images/nope.png"
     pcfg = _cfg(teacher_dir, demo_dir / "preference.jsonl", demo_dir, tmp_path / "unused", records="preference")
-    table = TeacherWorker(pcfg)({"sample": [_item(p)["sample"] for p in pairs]})
+    table = TeacherWorker(pcfg)({"sample": [sample_item(p)["sample"] for p in pairs]})
     assert table.column("sample_id").to_pylist() == [pairs[0].id, pairs[2].id, pairs[1].id]
     assert table.column("error_kind").to_pylist() == [None, None, "encode"]
     assert table.column("chosen_logprob")[0].as_py() < 0
@@ -189,7 +192,7 @@ def test_bad_samples_are_quarantined_and_retried_when_fixed(reference, processor
         assert why in errors[key]["reason"], errors[key]
     assert any(f"{len(bad)} sample(s) quarantined (4 read, 3 encode)" in x and ERRORS_NAME in x for x in logs), logs
     # a student on the data with the quarantined samples refuses, pointing at the errors file
-    from student.data import DistillDataset
+    from mmkd.student.data import DistillDataset
 
     with pytest.raises(CacheError, match=f"3 of {len(good_ids) + 3} samples have no cached targets.*set aside.*"
                                          f"{ERRORS_NAME}"):
@@ -222,7 +225,7 @@ def test_bad_samples_are_quarantined_and_retried_when_fixed(reference, processor
 
 
 def test_fail_fast_stops_at_the_first_bad_sample(ray_local, teacher_dir, demo_dir, tmp_path):
-    from pipelines.cli import main as mmkd
+    from mmkd.pipelines.cli import main as mmkd
 
     records = json.loads((demo_dir / "train.json").read_text())[:16]
     records[9] = dict(records[9], image="images/nope.png")
@@ -317,7 +320,7 @@ def test_a_cache_of_other_settings_is_refused(reference_cache, processor, teache
     the cache is left as it was; the same settings resume (nothing to do)."""
     from conftest import TINY
 
-    from student.model import build_llava
+    from mmkd.student.model import build_llava
 
     other_teacher = tmp_path / "other-teacher"
     build_llava(TINY, processor, seed=2).save_pretrained(other_teacher)
@@ -385,13 +388,13 @@ def _shards(out: Path) -> int:
 @pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_cache(reference, teacher_dir, demo_dir,
                                                                             tmp_path):
-    """`python -m pipelines.cli teacher-pass` in a subprocess, SIGKILLed at seeded random
+    """`python -m mmkd.pipelines.cli teacher-pass` in a subprocess, SIGKILLed at seeded random
     moments (while starting, and a random delay after the k-th shard is committed, which
     lands before, during or after the next commit); run 1 also SIGKILLs the teacher actor's
     process first and checks that shards keep coming. Then the same command runs to the end:
     the cache equals the uninterrupted reference, each sample exactly once, no debris."""
     out = tmp_path / "cache"
-    args = [sys.executable, "-m", "pipelines.cli", "teacher-pass", "--teacher", str(teacher_dir),
+    args = [sys.executable, "-m", "mmkd.pipelines.cli", "teacher-pass", "--teacher", str(teacher_dir),
             "--data", str(demo_dir / "train.json"), "--image-root", str(demo_dir), "--output", str(out),
             "--k", "5", "--batch-size", "4", "--rows-per-shard", "2"]  # 20 shards, two commits per batch
     env = {k: v for k, v in os.environ.items()

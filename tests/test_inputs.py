@@ -10,12 +10,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import llava_parquet
 from PIL import Image
 
-from pipelines.inputs import detect_format, open_dataset, read_inputs
-from pipelines.preprocess import IGNORE_INDEX, encode_sample
-from pipelines.samples import ImageRef, PreferencePair, Sample, SampleError, load_image, read_llava, resolve_image
+from mmkd.common.inputs import detect_format, load_image, open_dataset, read_inputs
+from mmkd.common.preprocess import IGNORE_INDEX, encode_sample
+from mmkd.common.samples import ImageRef, PreferencePair, Sample, SampleError, read_llava, resolve_image
+
+from helpers import llava_parquet
 
 
 def _records(path):
@@ -165,9 +166,9 @@ def test_preference_pairs_in_jsonl_and_in_a_data_set(demo_dir, tmp_path):
             assert a.messages == b.messages
             assert np.array_equal(_pixels(load_image("", a)), _pixels(load_image(demo_dir, b)))
     # pairs travel to the teacher's workers as JSON and come back equal
-    from pipelines.teacher_pass import _item
+    from mmkd.pipelines.workers import sample_item
 
-    assert PreferencePair(**json.loads(_item(hub[2])["sample"])) == hub[2]
+    assert PreferencePair(**json.loads(sample_item(hub[2])["sample"])) == hub[2]
     with pytest.raises(SampleError, match="preference pairs.*--records preference"):
         read_inputs(str(demo_dir / "preference.jsonl"), image_root=str(demo_dir))
 
@@ -239,21 +240,23 @@ def test_duplicate_ids_and_missing_columns_are_refused(demo_dir, tmp_path):
 
 
 def test_configs_carry_the_input_options():
-    from pipelines.cli import build_parser
-    from pipelines.teacher_pass import TeacherPassConfig
-    from student.train import TrainConfig
+    from mmkd.pipelines.cli import _config, build_parser
+    from mmkd.pipelines.teacher_pass import TeacherPassConfig
+    from mmkd.student.evaluate import EvalConfig
+    from mmkd.student.train import TrainConfig
 
-    for cls in (TeacherPassConfig, TrainConfig):
+    for cls in (TeacherPassConfig, TrainConfig, EvalConfig):  # one InputsConfig, the same flags everywhere
         cfg = cls()
-        assert (cfg.data_split, cfg.image_column, cfg.id_column) == (None, "image", "id")
+        assert (cfg.inputs.data_split, cfg.inputs.image_column, cfg.inputs.id_column) == (None, "image", "id")
     args = build_parser().parse_args(["teacher-pass", "--data", "d", "--data-split", "train", "--id-column", "idx"])
     assert (args.data_split, args.id_column) == ("train", "idx")
-    args = build_parser().parse_args(["eval", "--model", "m", "--data", "d", "--image-column", "img"])
-    assert (args.image_column, args.data_split, args.image_root) == ("img", None, "")
+    inputs = _config(build_parser().parse_args(["eval", "--model", "m", "--data", "d", "--image-column", "img"]),
+                     EvalConfig).inputs
+    assert (inputs.image_column, inputs.data_split, inputs.image_root) == ("img", None, "")
 
 
 def test_student_dataset_from_parquet_equals_the_json_one(demo_dir, processor, tmp_path):
-    from student.data import DistillDataset
+    from mmkd.student.data import DistillDataset
 
     llava_parquet(demo_dir / "val.json", tmp_path / "val.parquet", demo_dir, image="bytes")
     from_json = DistillDataset(read_inputs(str(demo_dir / "val.json"), image_root=str(demo_dir)), processor,

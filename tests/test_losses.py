@@ -6,14 +6,14 @@ import math
 import pytest
 import torch
 
-from student.losses import (
+from mmkd.common.heads import relation_matrix
+from mmkd.student.losses import (
     DIVERGENCES,
     LEFTOVER_MODES,
     cross_entropy,
     dense_divergence,
     preference_loss,
     relation_loss,
-    relation_matrix,
     sampled_kd,
     sequence_logprobs,
     sparse_divergence,

@@ -13,11 +13,22 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from pipelines.preprocess import collate, encode_sample
-from pipelines.samples import load_image, read_llava
-from student.model import LlavaArch, build_llava
-from student.moe import (MoEConfig, MoEMLP, load_balancing_loss, load_student, moe_aux_loss, moe_layers,
-                         moe_param_groups, save_moe, trainable_moe_only, upcycle)
+from mmkd.common.inputs import load_image
+from mmkd.common.preprocess import collate, encode_sample
+from mmkd.common.samples import read_llava
+from mmkd.student.model import LlavaArch, build_llava
+from mmkd.student.moe import (
+    MoEConfig,
+    MoEMLP,
+    load_balancing_loss,
+    load_student,
+    moe_aux_loss,
+    moe_layers,
+    moe_param_groups,
+    save_moe,
+    trainable_moe_only,
+    upcycle,
+)
 
 ARCH = LlavaArch(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=4, text_heads=2,
                  text_intermediate=64)
@@ -221,7 +232,7 @@ def test_load_in_a_fresh_process(dense, batch, tmp_path):
     save_moe(model, tmp_path / "moe")
     save_file({k: v.contiguous() for k, v in batch.items()}, tmp_path / "batch.safetensors")
     script = ("import sys, torch; from safetensors.torch import load_file, save_file; "
-              "from student.moe import load_student; m = load_student(sys.argv[1]); "
+              "from mmkd.student.moe import load_student; m = load_student(sys.argv[1]); "
               "b = load_file(sys.argv[2]); "
               "torch.no_grad()(lambda: save_file({'logits': m(**b).logits}, sys.argv[3]))(); "
               "print('dist', torch.distributed.is_initialized())")
@@ -264,7 +275,7 @@ def test_trainable_moe_only_and_param_groups(dense):
 def test_deepspeed_engine_trains_experts_and_routers_only(processor, batch):
     import deepspeed
 
-    from student.train import setup_distributed
+    from mmkd.student.train import setup_distributed
 
     setup_distributed()
     config = {"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 1},

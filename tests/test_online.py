@@ -9,13 +9,17 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from pipelines.preprocess import collate, encode_sample, image_token_id
-from pipelines.samples import load_image, read_llava
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
-from student.evaluate import evaluate
-from student.model import build_llava
-from student.online import OnlineTeacher
-from student.train import TrainConfig, check_config, train, vision_inputs
+from mmkd.common.config import InputsConfig
+from mmkd.common.inputs import load_image
+from mmkd.common.preprocess import collate, encode_sample, image_token_id
+from mmkd.common.samples import read_llava
+from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from mmkd.student.evaluate import evaluate
+from mmkd.student.model import build_llava
+from mmkd.student.online import OnlineTeacher
+from mmkd.student.outputs import vision_inputs
+from mmkd.student.train import TrainConfig, check_config, train
+
 from tests.conftest import TINY
 
 
@@ -94,12 +98,12 @@ def runs(sharp_teacher, demo_dir, processor_dir, processor, tmp_path_factory):
         caches = {}
         for k in (vocab, 2):
             caches[k] = out / f"cache_k{k}"
-            run_teacher_pass(TeacherPassConfig(teacher=str(sharp_teacher), data=str(demo_dir / "train.json"),
-                                               image_root=str(demo_dir), output=str(caches[k]), k=k, batch_size=8,
-                                               rows_per_shard=64), log=lambda *_: None)
+            run_teacher_pass(TeacherPassConfig(teacher=str(sharp_teacher), inputs=InputsConfig(
+                str(demo_dir / "train.json"), str(demo_dir)), output=str(caches[k]), k=k, batch_size=8,
+                rows_per_shard=64), log=lambda *_: None)
     finally:
         ray.shutdown()
-    common = dict(data=str(demo_dir / "train.json"), image_root=str(demo_dir), processor=str(processor_dir),
+    common = dict(inputs=InputsConfig(str(demo_dir / "train.json"), str(demo_dir)), processor=str(processor_dir),
                   arch=TINY, epochs=4, batch_size=8, lr=1e-2, ce_weight=0.0, kd_weight=1.0, log_every=1000,
                   num_workers=0, seed=0)
     sources = {"online": {"online_teacher": str(sharp_teacher)}, "full": {"cache": str(caches[vocab])},
@@ -160,7 +164,7 @@ def test_small_k_is_a_lower_bound_and_costs_a_bounded_amount(runs, sharp_teacher
     assert k2[0] <= on[0] + 1e-4
     assert on[0] - k2[0] > 3 * CODEC_TOL
     caches, vocab = runs["caches"], runs["vocab"]
-    m = {n: evaluate(str(runs[n]["dir"]), str(demo_dir / "train.json"), str(demo_dir), cache=str(cache),
+    m = {n: evaluate(str(runs[n]["dir"]), InputsConfig(str(demo_dir / "train.json"), str(demo_dir)), cache=str(cache),
                      teacher=str(sharp_teacher))
          for n, cache in (("init", caches[vocab]), ("online", caches[vocab]), ("full", caches[vocab]),
                           ("k2", caches[2]))}

@@ -2,8 +2,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.preprocess import IGNORE_INDEX, collate, encode_sample, image_token_count, image_token_id
-from pipelines.samples import Sample, SampleError, load_image, read_llava, resolve_image
+from mmkd.common.inputs import load_image
+from mmkd.common.preprocess import IGNORE_INDEX, collate, encode_sample, image_token_count, image_token_id
+from mmkd.common.samples import Sample, SampleError, read_llava, resolve_image
 
 
 def _sample(convs, image="x.png", sid="s1"):

@@ -13,13 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.recipe import load_recipe
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
-from storage.reader import TeacherCache
-from storage.schema import CacheError
-from student.data import DistillDataset
-from student.model import load_model
-from student.train import TrainConfig, train
+from mmkd.common.config import InputsConfig
+from mmkd.pipelines.recipe import load_recipe
+from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from mmkd.storage.reader import TeacherCache
+from mmkd.storage.schema import CacheError
+from mmkd.student.data import DistillDataset
+from mmkd.student.model import load_model
+from mmkd.student.train import TrainConfig, train
+
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,11 +36,13 @@ def root(teacher_dir, demo_dir, processor_dir, tmp_path_factory):
     r = tmp_path_factory.mktemp("root")
     (r / "data").symlink_to(demo_dir, target_is_directory=True)
     (r / "processor").symlink_to(processor_dir, target_is_directory=True)
-    common = dict(teacher=str(teacher_dir), image_root=str(demo_dir), batch_size=8, rows_per_shard=16, k=6)
-    run_teacher_pass(TeacherPassConfig(data=str(demo_dir / "train.json"), output=str(r / "cache" / "train"),
-                                       records="response,visual,relation", **common), log=lambda *_: None)
-    run_teacher_pass(TeacherPassConfig(data=str(demo_dir / "preference.jsonl"), output=str(r / "cache" / "preference"),
-                                       records="preference", **common), log=lambda *_: None)
+    common = dict(teacher=str(teacher_dir), batch_size=8, rows_per_shard=16, k=6)
+    run_teacher_pass(TeacherPassConfig(inputs=InputsConfig(str(demo_dir / "train.json"), str(demo_dir)),
+                                       output=str(r / "cache" / "train"), records="response,visual,relation",
+                                       **common), log=lambda *_: None)
+    run_teacher_pass(TeacherPassConfig(inputs=InputsConfig(str(demo_dir / "preference.jsonl"), str(demo_dir)),
+                                       output=str(r / "cache" / "preference"), records="preference", **common),
+                     log=lambda *_: None)
     ray.shutdown()
     # two decoder layers: LLaVA-MoD's upcycling turns every other layer's FFN into experts
     train(_cfg(r, "student_ce", cache=None, epochs=2, arch=dataclasses.replace(TINY, text_layers=2)),
@@ -46,8 +50,8 @@ def root(teacher_dir, demo_dir, processor_dir, tmp_path_factory):
     return r
 
 
-def _cfg(root, out, **kw):
-    base = dict(data=str(root / "data" / "train.json"), image_root=str(root / "data"), processor=str(root / "processor"),
+def _cfg(root, out, data="train.json", **kw):
+    base = dict(inputs=InputsConfig(str(root / "data" / data), str(root / "data")), processor=str(root / "processor"),
                 output_dir=str(root / out), cache=str(root / "cache" / "train"), arch=TINY, batch_size=8,
                 num_workers=0, lr=3e-3, log_every=1000)
     base.update(kw)
@@ -82,7 +86,7 @@ def test_projector_stage_changes_only_the_projector(root):
 
 def test_preference_stage_lowers_the_dpo_loss(root):
     train(_cfg(root, "pref", init_from=str(root / "student_ce"), objective="preference",
-               data=str(root / "data" / "preference.jsonl"), cache=str(root / "cache" / "preference"),
+               data="preference.jsonl", cache=str(root / "cache" / "preference"),
                trainable="llm+projector", ce_weight=0, batch_size=4, epochs=8, lr=5e-3), log=lambda *_: None)
     log = _log(root / "pref")
     assert log[-1]["dpo"] < log[0]["dpo"] and log[-1]["margin"] > log[0]["margin"]
@@ -91,9 +95,9 @@ def test_preference_stage_lowers_the_dpo_loss(root):
 def test_visual_terms_refuse_another_visual_token_count(root, processor):
     other = copy.deepcopy(processor)
     other.patch_size = processor.patch_size // 2  # 4x the visual tokens per image
-    from pipelines.preprocess import _image_token_count
+    from mmkd.common.preprocess import _image_token_count
     _image_token_count.cache_clear()
-    samples = __import__("pipelines.samples", fromlist=["read_llava"]).read_llava(root / "data" / "train.json")
+    samples = __import__("mmkd.common.samples", fromlist=["read_llava"]).read_llava(root / "data" / "train.json")
     cache = TeacherCache(str(root / "cache" / "train"))
     with pytest.raises(CacheError, match="visual tokens.*visual_weight=0"):
         DistillDataset(samples, other, str(root / "data"), 512, cache, kinds=("response", "visual"))
@@ -119,7 +123,7 @@ def hook(event, args):
         if os.path.realpath(p).startswith(teacher):
             touched.append((event, p))
 sys.addaudithook(hook)
-from pipelines.cli import main
+from mmkd.pipelines.cli import main
 rc = 0
 for recipe in sys.argv[4:]:
     rc = rc or main(["recipe", recipe, "--root", sys.argv[2]])
@@ -158,11 +162,11 @@ def test_both_recipes_run_from_the_cache_without_opening_the_teacher(root, teach
         assert cfg["mmkd_moe"]["num_experts"] == 4
     summary = json.loads((mod / "mimic_sparse" / "train_summary.json").read_text())
     assert "moe_aux" in summary["final"] and summary["final"]["moe_aux"] > 0
-    from student.evaluate import evaluate
+    from mmkd.student.evaluate import evaluate
 
-    m = evaluate(str(mod / "preference"), str(root / "data" / "test.json"), str(root / "data"))
+    m = evaluate(str(mod / "preference"), InputsConfig(str(root / "data" / "test.json"), str(root / "data")))
     assert 0 <= m["accuracy"] <= 1
     # a second run resumes: every stage is done, nothing retrains
-    proc = subprocess.run([sys.executable, "-m", "pipelines.cli", "recipe", recipes[0], "--root", str(root)],
+    proc = subprocess.run([sys.executable, "-m", "mmkd.pipelines.cli", "recipe", recipes[0], "--root", str(root)],
                           cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0 and proc.stdout.count("skipping") == 3, proc.stdout + proc.stderr

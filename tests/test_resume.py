@@ -20,10 +20,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.config import ConfigError
-from student import checkpoint
-from student.run_log import GROUPS
-from student.train import TrainConfig, train
+from mmkd.common.config import ConfigError, InputsConfig, to_dict
+from mmkd.student import checkpoint
+from mmkd.student.run_log import GROUPS
+from mmkd.student.train import TrainConfig, train
+
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,13 +37,13 @@ STEPS_PER_EPOCH = 10  # 40 demo training samples, 4 per optimizer step
 
 def _flags(cfg: TrainConfig) -> list[str]:
     """The `mmkd train` command line of cfg (every field, nested ones dotted)."""
-    flat = checkpoint.math_config(dataclasses.asdict(cfg))
+    flat = checkpoint.math_config(to_dict(cfg))
     flat.update({k: getattr(cfg, k) for k in checkpoint.NOT_MATH})
     args = []
     for key, value in flat.items():
         if value is not None:
             args += ["--" + key.replace("_", "-"), str(value)]
-    return [sys.executable, "-m", "pipelines.cli", "train", *args]
+    return [sys.executable, "-m", "mmkd.pipelines.cli", "train", *args]
 
 
 def _run(cfg: TrainConfig, stdout: Path) -> subprocess.Popen:
@@ -70,7 +71,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, de
     per step. The MoE student (upcycled from the tiny teacher, 4 experts, top-2) draws from
     the torch RNG every step (second expert sampled, random token selection over capacity),
     so its curve continues only if the RNG states are restored."""
-    kw = dict(data=str(demo_dir / "train.json"), image_root=str(demo_dir), processor=str(processor_dir),
+    kw = dict(inputs=InputsConfig(str(demo_dir / "train.json"), str(demo_dir)), processor=str(processor_dir),
               cache=str(small_cache), arch=TINY, epochs=2, batch_size=2, grad_accum=2, lr=3e-3, num_workers=1,
               log_every=1000, save_every=3, keep_checkpoints=2)
     if student == "moe":
@@ -128,7 +129,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, de
 
 
 def test_a_checkpoint_of_another_config_is_refused(tmp_path):
-    cfg = TrainConfig(data="d.json", processor="p", output_dir=str(tmp_path), save_every=3)
+    cfg = TrainConfig(inputs=InputsConfig(data="d.json"), processor="p", output_dir=str(tmp_path), save_every=3)
     folder = tmp_path / checkpoint.CHECKPOINTS / "step00000003"
     folder.mkdir(parents=True)
     checkpoint.mark_complete(folder, cfg, checkpoint.Position(3, 0, 3, 1.0), world=1)
@@ -153,7 +154,7 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path):
         checkpoint.find_resume(cfg, world=2, rank=0)
 
     # A finished run of another config is refused too; of the same config, returned as is.
-    (tmp_path / checkpoint.SUMMARY).write_text(json.dumps({"steps": 9, "config": dataclasses.asdict(cfg)}))
+    (tmp_path / checkpoint.SUMMARY).write_text(json.dumps({"steps": 9, "config": to_dict(cfg)}))
     with pytest.raises(ConfigError, match="finished run .* lr: 0.001 there, 0.0005 now"):
         checkpoint.find_resume(other, world=1, rank=0)
     assert checkpoint.find_resume(same, world=1, rank=0)[0]["steps"] == 9

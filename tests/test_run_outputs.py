@@ -8,14 +8,18 @@ import shutil
 import pytest
 import torch
 
-from pipelines.preprocess import collate, encode_sample, image_token_count, image_token_id
-from pipelines.samples import load_image, read_llava
-from storage.manifest import Manifest
-from storage.writer import CacheWriter
-from student.run_log import RunLog, StepClock, tag
-from student.train import StudentOutputs, TrainConfig, train
-from teacher_cache.extract import extract_rows, to_device
-from teacher_cache.teacher import load_teacher, processor_description
+from mmkd.common.config import InputsConfig
+from mmkd.common.inputs import load_image
+from mmkd.common.preprocess import collate, encode_sample, image_token_count, image_token_id
+from mmkd.common.samples import read_llava
+from mmkd.storage.manifest import Manifest
+from mmkd.storage.writer import CacheWriter
+from mmkd.student.outputs import StudentOutputs
+from mmkd.student.run_log import RunLog, StepClock, tag
+from mmkd.student.train import TrainConfig, train
+from mmkd.teacher_cache.extract import ExtractionSpec, extract_rows, to_device
+from mmkd.teacher_cache.teacher import load_teacher, processor_description
+
 from tests.conftest import TINY
 
 RECORDS = ("response", "visual", "relation")
@@ -37,11 +41,12 @@ def run_dir(teacher_dir, demo_dir, processor_dir, tmp_path_factory):
         chunk = samples[i:i + 20]
         enc = [encode_sample(processor, s, load_image(demo_dir, s), 256) for s in chunk]
         batch = to_device(collate(enc, processor.tokenizer.pad_token_id), "cpu", torch.float32)
-        w.add(extract_rows(model, batch, [s.id for s in chunk], image_token_id(processor), "topk", 4, records=RECORDS))
+        w.add(extract_rows(model, batch, [s.id for s in chunk], image_token_id(processor),
+                           ExtractionSpec(k=4, records=RECORDS)))
     w.close(complete=True)
     out = tmp_path_factory.mktemp("run")
     lines = []
-    train(TrainConfig(data=str(demo_dir / "train.json"), image_root=str(demo_dir), processor=str(processor_dir),
+    train(TrainConfig(inputs=InputsConfig(str(demo_dir / "train.json"), str(demo_dir)), processor=str(processor_dir),
                       output_dir=str(out), cache=str(cache), arch=TINY, batch_size=8, num_workers=1, log_every=2,
                       visual_weight=1.0, relation_weight=1.0), log=lines.append)
     return out, lines
@@ -145,7 +150,7 @@ def _png(path):
 
 
 def test_eval_json_and_plot(run_dir, demo_dir, tmp_path, capsys):
-    from pipelines.cli import main
+    from mmkd.pipelines.cli import main
 
     folder, _ = run_dir
     run = tmp_path / "run"
@@ -184,7 +189,7 @@ def test_eval_json_and_plot(run_dir, demo_dir, tmp_path, capsys):
 
 
 def test_plot_refuses_a_folder_without_a_log(tmp_path, capsys):
-    from pipelines.cli import main
+    from mmkd.pipelines.cli import main
 
     assert main(["plot", str(tmp_path)]) == 2
     err = capsys.readouterr().err
@@ -201,7 +206,7 @@ def test_dense_student_loads_with_plain_transformers(run_dir, demo_dir):
     supervised rows equal what mmkd's loader and StudentOutputs compute."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from student.model import load_model
+    from mmkd.student.model import load_model
 
     folder, _ = run_dir
     plain, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
@@ -228,7 +233,7 @@ def test_hallucination_rate_counts_absent_objects_answered_yes(run_dir, demo_dir
 
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
-    from student.evaluate import evaluate
+    from mmkd.student.evaluate import evaluate
 
     folder, _ = run_dir
     processor = AutoProcessor.from_pretrained(folder)
@@ -257,6 +262,6 @@ def test_hallucination_rate_counts_absent_objects_answered_yes(run_dir, demo_dir
                            pixel_values=torch.from_numpy(e.vision["pixel_values"])).logits
         said_yes += int(logits[0, first - 1].argmax()) == yes
     assert 0 < said_yes < len(absent) == 3
-    metrics = evaluate(str(tmp_path), str(demo_dir / "train.json"), str(demo_dir))
+    metrics = evaluate(str(tmp_path), InputsConfig(str(demo_dir / "train.json"), str(demo_dir)))
     assert metrics["absent_object_questions"] == 3
     assert metrics["hallucination_rate"] == said_yes / 3

@@ -5,15 +5,17 @@ import json
 
 import numpy as np
 import pytest
-from helpers import manifest, rows
 
-from pipelines.batching import batch_blocks, estimated_tokens, plan_batches
-from pipelines.progress import Progress, eta_seconds, format_duration
-from pipelines.samples import Sample
-from storage.reader import TeacherCache
-from storage.schema import CacheError
-from storage.tables import raw_table
-from storage.writer import BackgroundWriter, CacheWriter
+from mmkd.common.config import InputsConfig
+from mmkd.common.samples import Sample
+from mmkd.pipelines.batching import batch_blocks, estimated_tokens, plan_batches
+from mmkd.pipelines.progress import Progress, eta_seconds, format_duration
+from mmkd.storage.reader import TeacherCache
+from mmkd.storage.schema import CacheError
+from mmkd.storage.tables import raw_table
+from mmkd.storage.writer import BackgroundWriter, CacheWriter
+
+from helpers import manifest, rows
 
 
 def _sample(i, chars, image="a.png"):
@@ -116,7 +118,7 @@ def test_two_actors_write_the_cache_of_one(ray_three_cpus, teacher_dir, demo_dir
     and threads ran them changes nothing in the cache."""
     import os
 
-    import pipelines.teacher_pass as tp
+    import mmkd.pipelines.teacher_pass as tp
 
     class CountingWorker(tp.TeacherWorker):  # defined here, so Ray ships it by value; notes its process per batch
         calls_dir = str(tmp_path / "calls")
@@ -130,10 +132,10 @@ def test_two_actors_write_the_cache_of_one(ray_three_cpus, teacher_dir, demo_dir
     monkeypatch.setattr(tp, "TeacherWorker", CountingWorker)
     caches = []
     for workers in (1, 2):
-        cfg = tp.TeacherPassConfig(teacher=str(teacher_dir), data=str(demo_dir / "train.json"),
-                                   image_root=str(demo_dir), output=str(tmp_path / f"w{workers}"), k=5, batch_size=4,
-                                   rows_per_shard=12, num_workers=workers, records="response,visual",
-                                   prefetch_batches=workers - 1)
+        cfg = tp.TeacherPassConfig(teacher=str(teacher_dir), inputs=InputsConfig(str(demo_dir / "train.json"),
+                                                                                 str(demo_dir)),
+                                   output=str(tmp_path / f"w{workers}"), k=5, batch_size=4, rows_per_shard=12,
+                                   num_workers=workers, records="response,visual", prefetch_batches=workers - 1)
         m = tp.run_teacher_pass(cfg, log=lambda *_: None)
         assert m.complete and m.num_rows == 40
         caches.append(TeacherCache(cfg.output))

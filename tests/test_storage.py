@@ -9,15 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import assert_topk_close, manifest, rows, write
 
-from storage import codec
-from storage.manifest import Manifest
-from storage.ops import merge_caches, subset_cache
-from storage.reader import TeacherCache
-from storage.schema import CacheError
-from storage.tables import raw_table
-from storage.writer import CacheWriter
+from mmkd.storage import codec
+from mmkd.storage.manifest import Manifest
+from mmkd.storage.ops import merge_caches, subset_cache
+from mmkd.storage.reader import TeacherCache
+from mmkd.storage.schema import CacheError
+from mmkd.storage.tables import raw_table
+from mmkd.storage.writer import CacheWriter
+
+from helpers import assert_topk_close, manifest, rows, write
 
 ALL_KINDS = ("response", "visual", "relation", "preference")
 
@@ -223,21 +224,20 @@ def test_raw_schema_mismatch_is_refused(tmp_path):
 
 
 def test_new_cache_never_deletes_a_live_writers_shards(tmp_path):
-    from pipelines.teacher_pass import TeacherPassConfig, open_writer
+    from mmkd.storage.writer import open_writer
 
     write(tmp_path, ["a", "b", "c", "d", "e"])
     files = sorted(p.name for p in tmp_path.glob("shard-*"))
     live = CacheWriter(str(tmp_path), Manifest.load(str(tmp_path)))  # a pass still running here
     other = manifest(width=7)
-    cfg = TeacherPassConfig(output=str(tmp_path), new_cache=True)
     with pytest.raises(CacheError, match="another process"):
-        open_writer(cfg, other)
+        open_writer(str(tmp_path), other, replace=True)
     assert sorted(p.name for p in tmp_path.glob("shard-*")) == files
     live.close(complete=True)
-    open_writer(cfg, other).close(complete=False)  # now it may replace the cache
+    open_writer(str(tmp_path), other, replace=True).close(complete=False)  # now it may replace the cache
     assert not list(tmp_path.glob("shard-*")) and Manifest.load(str(tmp_path)).k == 7
     with pytest.raises(CacheError, match="other settings.*--new-cache"):
-        open_writer(TeacherPassConfig(output=str(tmp_path)), manifest(width=3))
+        open_writer(str(tmp_path), manifest(width=3))
 
 
 # ------------------------------------------------------------------ bad input

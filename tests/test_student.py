@@ -8,14 +8,17 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from pipelines.preprocess import collate, encode_sample
-from pipelines.samples import load_image, read_llava
-from storage.manifest import Manifest
-from storage.reader import TeacherCache
-from student.data import AlignmentError, DistillDataset, collate_items, rank_batches
-from student.evaluate import evaluate
-from student.train import TrainConfig, train
-from teacher_cache.teacher import load_teacher
+from mmkd.common.config import InputsConfig
+from mmkd.common.inputs import load_image
+from mmkd.common.preprocess import collate, encode_sample
+from mmkd.common.samples import read_llava
+from mmkd.storage.manifest import Manifest
+from mmkd.storage.reader import TeacherCache
+from mmkd.student.data import AlignmentError, DistillDataset, collate_items, rank_batches
+from mmkd.student.evaluate import evaluate
+from mmkd.student.train import TrainConfig, train
+from mmkd.teacher_cache.teacher import load_teacher
+
 from tests.conftest import TINY
 
 
@@ -83,7 +86,7 @@ def test_every_rank_gets_the_same_number_of_batches(n, bs, world):
 
 def test_recipe_trains_and_saves_a_loadable_model(small_cache, demo_dir, processor_dir, tmp_path):
     out = tmp_path / "student"
-    cfg = TrainConfig(data=str(demo_dir / "train.json"), image_root=str(demo_dir), processor=str(processor_dir),
+    cfg = TrainConfig(inputs=InputsConfig(str(demo_dir / "train.json"), str(demo_dir)), processor=str(processor_dir),
                       output_dir=str(out), cache=str(small_cache), arch=TINY, epochs=6, batch_size=8, lr=3e-3,
                       log_every=1000, ce_weight=0.0, kd_weight=1.0)
     summary = train(cfg, log=lambda *_: None)
@@ -123,7 +126,7 @@ def test_exact_match_equals_greedy_generation(teacher_dir, demo_dir, tmp_path):
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
                              pixel_values=torch.from_numpy(e.vision["pixel_values"]), max_new_tokens=len(sup))
         right += out[0, sup[0]:].tolist() == e.input_ids[sup].tolist()
-    metrics = evaluate(str(tmp_path / "m"), str(demo_dir / "val.json"), str(demo_dir))
+    metrics = evaluate(str(tmp_path / "m"), InputsConfig(str(demo_dir / "val.json"), str(demo_dir)))
     assert right > 0
     assert metrics["accuracy"] == pytest.approx(right / len(samples))
 
@@ -139,8 +142,8 @@ def test_kept_encodings_equal_fresh_ones(demo_dir, processor):
 
 
 def test_temperature_and_vocabulary_the_student_cannot_honour(small_cache, demo_dir, processor, tmp_path):
-    from storage.schema import CacheError
-    from student.data import check_student_vocab
+    from mmkd.storage.schema import CacheError
+    from mmkd.student.data import check_student_vocab
 
     hot = tmp_path / "hot"
     shutil.copytree(small_cache, hot)

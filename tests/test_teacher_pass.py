@@ -6,15 +6,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import assert_topk_close, llava_parquet
 
-from pipelines.preprocess import collate, encode_sample
-from pipelines.samples import load_image, read_llava
-from pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
-from storage.manifest import Manifest
-from storage.reader import TeacherCache
-from storage.schema import CacheError
-from teacher_cache.teacher import load_teacher, weights_digest
+from mmkd.common.config import InputsConfig
+from mmkd.common.inputs import load_image
+from mmkd.common.preprocess import collate, encode_sample
+from mmkd.common.samples import read_llava
+from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from mmkd.storage.manifest import Manifest
+from mmkd.storage.reader import TeacherCache
+from mmkd.storage.schema import CacheError
+from mmkd.teacher_cache.teacher import load_teacher, weights_digest
+
+from helpers import assert_topk_close, llava_parquet
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +30,8 @@ def ray_local():
 
 
 def _cfg(teacher_dir, demo_dir, out, **kw):
-    return TeacherPassConfig(teacher=str(teacher_dir), data=str(demo_dir / "train.json"), image_root=str(demo_dir),
-                             output=str(out), k=5, batch_size=8, rows_per_shard=16, **kw)
+    return TeacherPassConfig(inputs=InputsConfig(data=str(demo_dir / "train.json"), image_root=str(demo_dir)),
+                             teacher=str(teacher_dir), output=str(out), k=5, batch_size=8, rows_per_shard=16, **kw)
 
 
 def test_cache_has_one_row_per_sample_and_the_teachers_values(ray_local, teacher_dir, demo_dir, tmp_path):
@@ -95,9 +98,9 @@ def test_other_settings_are_refused_unless_new_cache(ray_local, teacher_dir, dem
 def test_visual_relation_and_preference_caches(ray_local, teacher_dir, demo_dir, tmp_path):
     """The pass writes every record kind asked for, one row per sample (or pair), and the
     student-side reader gets them back; visual rows equal the extraction of one batch."""
-    from pipelines.samples import read_preference
-    from pipelines.preprocess import image_token_id
-    from teacher_cache.extract import extract_rows, to_device
+    from mmkd.common.preprocess import image_token_id
+    from mmkd.common.samples import read_preference
+    from mmkd.teacher_cache.extract import ExtractionSpec, extract_rows, to_device
 
     cfg = _cfg(teacher_dir, demo_dir, tmp_path / "vis", records="response,visual,relation")
     m = run_teacher_pass(cfg, log=lambda *_: None)
@@ -109,13 +112,14 @@ def test_visual_relation_and_preference_caches(ray_local, teacher_dir, demo_dir,
     s = read_llava(demo_dir / "train.json")[3]
     enc = encode_sample(processor, s, load_image(demo_dir, s), 2048)
     batch = to_device(collate([enc], processor.tokenizer.pad_token_id), "cpu", torch.float32)
-    raw = extract_rows(model, batch, [s.id], image_token_id(processor), "topk", 5, records=("visual", "relation"))
+    raw = extract_rows(model, batch, [s.id], image_token_id(processor), ExtractionSpec(k=5, records=("visual",
+                                                                                                     "relation")))
     assert (np.asarray(raw.column("visual_positions")[0].as_py()) == rows[s.id].visual.positions).all()
     assert rows[s.id].relation.shape == (len(rows[s.id].visual), len(rows[s.id].visual))
 
-    pcfg = TeacherPassConfig(teacher=str(teacher_dir), data=str(demo_dir / "preference.jsonl"),
-                             image_root=str(demo_dir), output=str(tmp_path / "pref"), records="preference",
-                             batch_size=4, rows_per_shard=16)
+    pcfg = TeacherPassConfig(teacher=str(teacher_dir), inputs=InputsConfig(str(demo_dir / "preference.jsonl"),
+                                                                           str(demo_dir)),
+                             output=str(tmp_path / "pref"), records="preference", batch_size=4, rows_per_shard=16)
     pm = run_teacher_pass(pcfg, log=lambda *_: None)
     assert pm.record_kinds == ["preference"] and pm.complete
     prefs = TeacherCache(pcfg.output).rows()
@@ -135,7 +139,7 @@ def test_parquet_with_image_bytes_gives_the_rows_of_the_json(ray_local, teacher_
     caches = []
     for data, root in (("train.json", str(demo_dir)), ("train.parquet", "")):
         cfg = _cfg(teacher_dir, demo_dir, tmp_path / f"cache-{data}")
-        cfg.data, cfg.image_root = str(tmp_path / data), root
+        cfg.inputs.data, cfg.inputs.image_root = str(tmp_path / data), root
         assert run_teacher_pass(cfg, log=lambda *_: None).complete
         caches.append(TeacherCache(cfg.output).rows())
     from_json, from_parquet = caches
@@ -148,7 +152,7 @@ def test_parquet_with_image_bytes_gives_the_rows_of_the_json(ray_local, teacher_
 
 
 def test_records_are_checked():
-    from pipelines.teacher_pass import parse_records
+    from mmkd.teacher_cache.extract import parse_records
 
     assert parse_records("relation, response") == ["response", "relation"]
     with pytest.raises(ValueError, match="choose from"):

@@ -30,14 +30,25 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.preprocess import collate, encode_sample, image_token_id
-from pipelines.samples import load_image, read_llava, read_preference
-from pipelines.teacher_pass import TeacherPassConfig, build_manifest, open_writer
-from storage.codec import LEVELS
-from storage.schema import CacheError
-from teacher_cache.extract import extract_preference_rows, extract_rows, to_device
-from teacher_cache.vllm_backend import (NextTokenTable, VllmBackendError, check_settings, convert_weights_for_vllm,
-                                        load_vllm_teacher, rows_from_tables, weight_layout_problem, _table)
+from mmkd.common.config import InputsConfig
+from mmkd.common.inputs import load_image
+from mmkd.common.preprocess import collate, encode_sample, image_token_id
+from mmkd.common.samples import read_llava, read_preference
+from mmkd.pipelines.teacher_pass import TeacherPassConfig, build_manifest
+from mmkd.storage.codec import LEVELS
+from mmkd.storage.schema import CacheError
+from mmkd.storage.writer import open_writer
+from mmkd.teacher_cache.extract import ExtractionSpec, extract_preference_rows, extract_rows, to_device
+from mmkd.teacher_cache.vllm_backend import (
+    NextTokenTable,
+    VllmBackendError,
+    _table,
+    check_settings,
+    convert_weights_for_vllm,
+    load_vllm_teacher,
+    rows_from_tables,
+    weight_layout_problem,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 VLLM_PY = REPO / ".venv-vllm" / "bin" / "python"
@@ -45,8 +56,9 @@ VLLM_STAMP = REPO / ".venv-vllm" / ".installed"  # written by the Makefile once 
 PADDING = 5
 TOL = 1e-4  # nats: vLLM vs transformers, both float32
 K = 8
-# what the vLLM side always runs with (ENVIRONMENT.md): in-process engine, no compile, no hub,
-# a small KV cache (the default reserves most of the RAM)
+# what the vLLM side always runs with: in-process engine (LLM() in 2 s instead of 20), no
+# torch.compile (a gcc run on the first logprobs call), no hub, a small KV cache (the CPU
+# default reserves about 21 GiB)
 VLLM_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TORCHDYNAMO_DISABLE": "1", "HF_HUB_OFFLINE": "1",
             "OMP_NUM_THREADS": "2", "VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false",
             "RAY_AUTH_MODE": "disabled", "PYTHONPATH": str(REPO)}
@@ -80,7 +92,7 @@ def models(tmp_path_factory, processor, demo_dir):
     converted to vLLM's weight names ("llava"); a tiny Qwen3 text model; text-only samples."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from student.model import LlavaArch, build_llava
+    from mmkd.student.model import LlavaArch, build_llava
 
     root = tmp_path_factory.mktemp("vllm_models")
     arch = LlavaArch(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64, text_layers=2,
@@ -161,8 +173,8 @@ def vllm_raw(models, demo_dir, tmp_path_factory):
 def reference_rows(model, processor, samples, image_root, records, vocab_size=None, k=K):
     enc = [encode_sample(processor, s, load_image(image_root, s), 256) for s in samples]
     batch = to_device(collate(enc, processor.tokenizer.pad_token_id), "cpu", torch.float32)
-    return extract_rows(model, batch, [s.id for s in samples], image_token_id(processor), "topk", k, records=records,
-                        vocab_size=vocab_size)
+    return extract_rows(model, batch, [s.id for s in samples], image_token_id(processor),
+                        ExtractionSpec(k=k, records=records, vocab_size=vocab_size))
 
 
 def _token_arrays(table, kind: str, i: int) -> dict[str, np.ndarray]:
@@ -213,7 +225,7 @@ def compare_token_tables(ref, got, kinds) -> str:
 # ---------------------------------------------------------------- equivalence (vLLM for real)
 
 def test_llava_response_and_visual_rows_equal_the_transformers_backend(vllm_raw, models, demo_dir):
-    from teacher_cache.teacher import load_teacher
+    from mmkd.teacher_cache.teacher import load_teacher
 
     model, processor = load_teacher(str(models / "llava"), "float32", "cpu")  # the converted weights
     samples = read_llava(demo_dir / "train.json")
@@ -238,7 +250,7 @@ def test_bad_samples_come_back_as_error_rows_from_the_vllm_worker(vllm_raw, demo
 
 
 def test_llava_preference_rows_equal_the_transformers_backend(vllm_raw, models, demo_dir):
-    from teacher_cache.teacher import load_teacher
+    from mmkd.teacher_cache.teacher import load_teacher
 
     model, processor = load_teacher(str(models / "llava"), "float32", "cpu")
     pairs = read_preference(demo_dir / "preference.jsonl")
@@ -276,9 +288,9 @@ def test_teacher_pass_cli_with_the_vllm_backend(models, demo_dir, tmp_path):
     cache verify` accepts, records the backend, decodes to the transformers values within the
     codec's bound, and cannot be resumed by the transformers backend."""
     require_vllm()
-    from pipelines.cli import main as mmkd
-    from storage.reader import TeacherCache
-    from teacher_cache.teacher import load_teacher
+    from mmkd.pipelines.cli import main as mmkd
+    from mmkd.storage.reader import TeacherCache
+    from mmkd.teacher_cache.teacher import load_teacher
 
     out = tmp_path / "cache"
     args = ["--teacher", str(models / "llava"), "--data", str(demo_dir / "train.json"), "--image-root", str(demo_dir),
@@ -309,11 +321,11 @@ def test_teacher_pass_cli_with_the_vllm_backend(models, demo_dir, tmp_path):
                 assert_same_topk(a["ids"][near], a["logprobs"][near], t.ids[near], t.logprobs[near], s.id, 1 / 128 + TOL)
 
     # the backend is part of the cache's settings: the transformers backend cannot resume it
-    other = TeacherPassConfig(teacher=str(models / "llava"), data=str(demo_dir / "train.json"),
-                              image_root=str(demo_dir), output=str(out), records="response,visual", k=K,
-                              max_length=256, backend="transformers")
+    other = TeacherPassConfig(teacher=str(models / "llava"), inputs=InputsConfig(str(demo_dir / "train.json"),
+                                                                                 str(demo_dir)),
+                              output=str(out), records="response,visual", k=K, max_length=256, backend="transformers")
     with pytest.raises(CacheError, match=r"\(extraction differ\)"):  # and nothing else: both environments
-        open_writer(other, build_manifest(other, len(samples)))  # describe teacher and processor alike
+        open_writer(other.output, build_manifest(other, len(samples)))  # describe teacher and processor alike
 
 
 # ---------------------------------------------------------------- without vLLM
@@ -328,7 +340,8 @@ def test_what_vllm_cannot_give_is_refused_naming_the_transformers_backend(models
     check_settings("topk", ["response", "visual"], 1.0)
     check_settings("topk", ["preference"], 1.0)
     # the teacher pass refuses before anything runs; an unknown backend names the choices
-    cfg = TeacherPassConfig(teacher=str(models / "llava"), data=str(demo_dir / "train.json"), image_root=str(demo_dir),
+    cfg = TeacherPassConfig(teacher=str(models / "llava"), inputs=InputsConfig(str(demo_dir / "train.json"),
+                                                                               str(demo_dir)),
                             output="unused", records="response,relation", k=K, backend="vllm")
     with pytest.raises(ValueError, match="--backend transformers"):
         build_manifest(cfg, 1)

@@ -18,9 +18,11 @@ import pyarrow.parquet as pq
 
 
 def main(spec_path: str) -> None:
-    from pipelines.samples import read_llava, read_preference
-    from pipelines.teacher_pass import TeacherPassConfig, _item, parse_records
-    from pipelines.vllm_worker import VllmTeacherWorker
+    from mmkd.common.config import InputsConfig
+    from mmkd.common.samples import read_llava, read_preference
+    from mmkd.pipelines.teacher_pass import TeacherPassConfig
+    from mmkd.pipelines.workers import VllmTeacherWorker, sample_item
+    from mmkd.teacher_cache.extract import parse_records
 
     spec = json.loads(open(spec_path).read())
     timings = []
@@ -32,15 +34,16 @@ def main(spec_path: str) -> None:
         gc.collect()
         worker = llm = None
         for job in run["jobs"]:
-            cfg = TeacherPassConfig(teacher=run["teacher"], data=job["data"], image_root=job["image_root"],
+            cfg = TeacherPassConfig(teacher=run["teacher"], inputs=InputsConfig(job["data"], job["image_root"]),
                                     records=job["records"], k=job.get("k", 8), max_length=job.get("max_length", 256),
                                     backend="vllm")
             t0 = time.time()
             worker = VllmTeacherWorker(cfg, llm=llm)
             llm = worker.llm
             t1 = time.time()
-            items = read_preference(cfg.data) if parse_records(cfg.records) == ["preference"] else read_llava(cfg.data)
-            table = worker({"sample": [_item(x)["sample"] for x in items]})
+            pairs = parse_records(cfg.records) == ["preference"]
+            items = read_preference(cfg.inputs.data) if pairs else read_llava(cfg.inputs.data)
+            table = worker({"sample": [sample_item(x)["sample"] for x in items]})
             pq.write_table(table, job["out"])
             timings.append({"out": job["out"], "load_s": t1 - t0, "score_s": time.time() - t1, "rows": table.num_rows})
     with open(spec["timings"], "w") as f:  # not stdout: vLLM logs there

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pipelines.preprocess import IGNORE_INDEX, encode_sample, image_token_id, process_image, render
-from pipelines.samples import Sample
-from storage.schema import collapse_image_runs
+from mmkd.common.preprocess import IGNORE_INDEX, encode_sample, image_token_id, process_image, render
+from mmkd.common.samples import Sample
+from mmkd.storage.schema import collapse_image_runs
 
 # A probe conversation: two turns, one image, so that templates, supervision and the
 # image-token expansion are all exercised.
@@ -55,6 +55,14 @@ def vocab_digest(tokenizer) -> str:
     same vocabulary gives the same digest whatever the transformers version)."""
     tokens = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     return hashlib.sha256(json.dumps(tokens).encode()).hexdigest()
+
+
+def shared_vocab_size(processor, head_size: int) -> int:
+    """The vocabulary teacher targets live in: the tokenizer's ids that the output head
+    (head_size rows) scores. Checkpoints pad their head past the tokenizer (LLaVA-1.5 32,064
+    rows for 32,002 tokens; Qwen2-VL 151,936 for about 151.7k); padded rows are no tokens, so
+    extraction leaves them out and every cached id is < this number."""
+    return min(len(processor.tokenizer), head_size)
 
 
 def _special(tokenizer) -> dict[str, str]:
@@ -197,8 +205,7 @@ def run_checks(teacher: str, student: str, cache: str | None = None, max_length:
                trust_remote_code: bool = False) -> list[Check]:
     """Every check `mmkd check` prints: teacher vs student (max_length: the longest sample
     planned, if known), and the student vs a cache (its longest sequence)."""
-    from storage.reader import TeacherCache
-    from teacher_cache.teacher import shared_vocab_size
+    from mmkd.storage.reader import TeacherCache
 
     t_proc, t_cfg = load_side(teacher, trust_remote_code)
     s_proc, s_cfg = load_side(student, trust_remote_code)

@@ -4,6 +4,12 @@ A config is a dataclass (fields may be nested dataclasses). Its flags are genera
 its fields, so the YAML key ``batch_size`` is the flag ``--batch-size`` and the nested key
 ``arch: {text_hidden: 64}`` is ``--arch.text-hidden 64``. Precedence: defaults < YAML <
 flags. Unknown keys are errors that list the valid ones.
+
+An *inline* field (``inline(InputsConfig)``) is a nested dataclass whose keys sit at its
+parent's level: in Python ``cfg.inputs.data``, in YAML ``data:`` and on the command line
+``--data``. Several configs share one such group (InputsConfig: teacher-pass, train, eval)
+while every knob keeps one name. ``to_dict`` gives a config's YAML form (what ``from_dict``
+reads back).
 """
 
 from __future__ import annotations
@@ -19,6 +25,51 @@ import yaml
 
 class ConfigError(ValueError):
     pass
+
+
+@dataclasses.dataclass
+class InputsConfig:
+    """Where a command's samples come from (common.inputs.read_inputs reads every format)."""
+
+    data: str = ""  # LLaVA JSON/JSONL, preference JSONL, a save_to_disk folder or Parquet (common/inputs.py)
+    image_root: str = ""  # folder the samples' image paths are relative to (not needed for embedded images)
+    data_split: str | None = None  # split of a DatasetDict / of the Parquet files (train-*.parquet)
+    image_column: str = "image"  # column (JSON key) of the image: path, bytes or HF Image; "" = no images
+    id_column: str = "id"  # column (JSON key) of each sample's unique id (RLAIF-V: idx)
+
+
+_INLINE = "mmkd.inline"
+
+
+def inline(cls):
+    """A dataclass field holding a `cls` whose keys are set at the parent's level (module
+    docstring)."""
+    return dataclasses.field(default_factory=cls, metadata={_INLINE: True})
+
+
+def _is_inline(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get(_INLINE))
+
+
+def _keys(cls) -> set[str]:
+    """The YAML keys of dataclass `cls` at its own level (inline groups' keys included)."""
+    hints = typing.get_type_hints(cls)
+    return {k for f in dataclasses.fields(cls) for k in (_keys(hints[f.name]) if _is_inline(f) else {f.name})}
+
+
+def to_dict(cfg) -> dict:
+    """A config as its YAML mapping: nested dataclasses as mappings, inline ones merged into
+    their parent (from_dict(type(cfg), to_dict(cfg)) == cfg)."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            value = to_dict(value)
+            if _is_inline(f):
+                out.update(value)
+                continue
+        out[f.name] = value
+    return out
 
 
 def _scalar_type(tp):
@@ -52,12 +103,16 @@ def _coerce(value, tp, where: str):
 def from_dict(cls, data: dict, where: str = ""):
     """Build dataclass `cls` from a (possibly partial) dict, checking keys and types."""
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = _keys(cls)
     unknown = set(data) - names
     if unknown:
         raise ConfigError(f"{where or cls.__name__}: unknown key(s) {sorted(unknown)}; valid: {sorted(names)}")
     kwargs = {}
     for f in dataclasses.fields(cls):
+        if _is_inline(f):
+            kwargs[f.name] = from_dict(hints[f.name], {k: v for k, v in data.items() if k in _keys(hints[f.name])},
+                                       where)
+            continue
         if f.name not in data:
             continue
         tp, key = hints[f.name], f"{where}{f.name}"
@@ -76,7 +131,7 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            add_flags(parser, tp, prefix + f.name + ".")
+            add_flags(parser, tp, prefix if _is_inline(f) else prefix + f.name + ".")
             continue
         base, _ = _scalar_type(tp)
         flag = "--" + (prefix + f.name).replace("_", "-")

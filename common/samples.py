@@ -1,16 +1,17 @@
 """Input samples: the LLaVA conversation format (and its JSON / JSONL reader), preference
-pairs, and the one function that loads a sample's image whatever its source.
+pairs, and the checks of an image's path and bytes.
 
 A sample is one image (or none) and a conversation of alternating ``human`` / ``gpt``
 turns; every ``gpt`` turn is supervised. The ``<image>`` placeholder in a human turn marks
 where the image goes. A sample's image is either a file path relative to an image root
 (it must stay inside it) or an ImageRef: a cell of a Hugging Face / Parquet data set's
-image column, decoded on demand (pipelines/inputs.py reads those data sets).
+image column, decoded on demand (common/inputs.py reads those data sets and loads every
+sample's image: load_image).
 
 Preference pairs (the RLAIF-V layout, JSONL): {"id", "image", "question", "chosen",
 "rejected"}; each pair becomes two one-turn samples that differ only in the answer.
 
-Every consumer reads its inputs through pipelines.inputs.read_inputs, which calls the
+Every consumer reads its inputs through common.inputs.read_inputs, which calls the
 JSON readers here for .json / .jsonl files.
 """
 
@@ -293,28 +294,3 @@ def decode_image(data: bytes, what: str) -> Image.Image:
             return im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SampleError(f"{what}: the image bytes do not decode ({e}); fix or drop that row") from e
-
-
-def load_image(image_root: str | Path, sample: Sample) -> Image.Image | None:
-    """The sample's image as RGB, whatever its source; None if it has none.
-
-    - a path: resolved inside image_root (resolve_image) and read;
-    - an ImageRef: that cell of the data set, reopened once per process (pipelines.inputs).
-    Used by the teacher workers and the student's datasets alike. Raises SampleError
-    naming the sample and the file when the image is missing, escapes the root or does
-    not decode."""
-    if sample.image is None:
-        return None
-    if isinstance(sample.image, ImageRef):
-        from pipelines.inputs import load_cell_image
-
-        return load_cell_image(sample.image, sample.id)
-    if image_root is None or str(image_root) == "":
-        raise SampleError(f"sample {sample.id}: its image {sample.image!r} is a file path but no image root was "
-                          "given; set --image-root to the folder the paths are relative to")
-    path = resolve_image(image_root, sample.image)
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        raise SampleError(f"sample {sample.id}: cannot read image {path}: {e}") from e

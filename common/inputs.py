@@ -43,7 +43,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from pipelines.samples import (
+from mmkd.common.samples import (
     ImageRef,
     PreferencePair,
     Sample,
@@ -53,6 +53,7 @@ from pipelines.samples import (
     read_llava,
     read_preference,
     refuse_or_set_aside,
+    resolve_image,
 )
 
 _BATCH = 4096  # rows converted per step while reading a data set
@@ -334,7 +335,31 @@ def read_inputs(data: str, pairs: bool = False, image_root: str = "", split: str
     return items
 
 
-def read_config_inputs(cfg, pairs: bool = False, errors: list | None = None) -> list:
-    """read_inputs with the fields every config that reads data shares: data, image_root,
-    data_split, image_column, id_column (TeacherPassConfig, TrainConfig)."""
-    return read_inputs(cfg.data, pairs, cfg.image_root, cfg.data_split, cfg.image_column, cfg.id_column, errors)
+def read_config_inputs(inputs, pairs: bool = False, errors: list | None = None) -> list:
+    """read_inputs of a common.config.InputsConfig (the `inputs` of the teacher pass's,
+    training's and evaluation's configs)."""
+    return read_inputs(inputs.data, pairs, inputs.image_root, inputs.data_split, inputs.image_column,
+                       inputs.id_column, errors)
+
+
+def load_image(image_root: str | Path, sample: Sample) -> Image.Image | None:
+    """The sample's image as RGB, whatever its source; None if it has none.
+
+    - a path: resolved inside image_root (resolve_image) and read;
+    - an ImageRef: that cell of the data set, reopened once per process (load_cell_image).
+    Used by the teacher workers and the student's datasets alike. Raises SampleError
+    naming the sample and the file when the image is missing, escapes the root or does
+    not decode."""
+    if sample.image is None:
+        return None
+    if isinstance(sample.image, ImageRef):
+        return load_cell_image(sample.image, sample.id)
+    if image_root is None or str(image_root) == "":
+        raise SampleError(f"sample {sample.id}: its image {sample.image!r} is a file path but no image root was "
+                          "given; set --image-root to the folder the paths are relative to")
+    path = resolve_image(image_root, sample.image)
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise SampleError(f"sample {sample.id}: cannot read image {path}: {e}") from e

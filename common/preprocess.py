@@ -2,8 +2,8 @@
 
 Both sides of mmkd build sequences with this one function: the teacher pass, and the
 student, which rebuilds each sequence from the sample with its own processor and checks it
-against the cache (DESIGN invariant 1). One function means a student with the teacher's
-tokenizer and template builds exactly the teacher's sequence.
+against the cache (docs/architecture.md, invariant 1). One function means a student with
+the teacher's tokenizer and template builds exactly the teacher's sequence.
 
 Model families: the image's visual-token count and its model inputs come from the
 processor itself (one call on the image alone), so fixed-resolution LLaVA-1.5, any-resolution
@@ -24,7 +24,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image
 
-from pipelines.samples import IMAGE_PLACEHOLDER, Sample, SampleError
+from mmkd.common.samples import IMAGE_PLACEHOLDER, Sample, SampleError
 
 IGNORE_INDEX = -100
 
