@@ -1,14 +1,15 @@
-"""Reading a cache: committed shards only, streamed and decoded a block of rows at a time.
+"""Reading a cache: committed shards only, read and decoded a batch of rows at a time.
 
-``TeacherCache.stream`` is what trainers use: every data-parallel rank gets the same number
-of samples, in a deterministic order (seeded shard order + a seeded shuffle within blocks
-of ``shuffle_buffer`` rows), and can start from a recorded position. Only the row groups a
-block needs are read, so memory stays at one block whatever the cache's size.
+Trainers read the rows of their epoch plan (storage.plan: every data-parallel rank gets the
+same number of rows in a deterministic order, from about 1/W of the shards, and can start
+from a recorded position): ``read_items`` decodes the rows of a batch of plan items,
+reading only the Parquet row groups they live in and keeping the last few row groups read,
+so memory stays at a few row groups whatever the cache's size. ``stream`` yields a rank's
+rows one by one for readers outside mmkd's trainer.
 """
 
 from __future__ import annotations
 
-import random
 from collections.abc import Iterator
 
 import numpy as np
@@ -17,11 +18,10 @@ import pyarrow.parquet as pq
 
 from mmkd.storage.fs import join, open_fs
 from mmkd.storage.manifest import Manifest, ShardInfo
-from mmkd.storage.schema import STORED_SCHEMA, CacheError, CacheRow
-from mmkd.storage.tables import VOCAB_ORDER_KEY, decode_stored, unpack_order
-from mmkd.storage.writer import sha256_bytes
-
-REMAINDERS = ("drop", "pad")
+from mmkd.storage.schema import STORED_SCHEMA, CacheError, CacheRow, RowBatch
+from mmkd.storage.plan import EpochPlan
+from mmkd.storage.tables import VOCAB_ORDER_KEY, decode_batch, unpack_order
+from mmkd.storage.writer import ROW_GROUP_ROWS, sha256_bytes
 
 
 def _plain(t: pa.DataType) -> pa.DataType:
@@ -48,8 +48,12 @@ class TeacherCache:
     shard is caught here; ``verify`` checks contents). check=False skips that (verify).
     """
 
-    def __init__(self, path: str, check: bool = True):
+    def __init__(self, path: str, check: bool = True, keep_row_groups: int = 16):
         self.path = str(path)
+        self.keep_row_groups = keep_row_groups  # read_rows' cache of stored row groups (most recent)
+        self._footers: dict[int, pq.ParquetFile] = {}
+        self._orders: dict[int, np.ndarray] = {}
+        self._groups: dict[tuple[int, int], pa.Table] = {}
         self.fs, self.root = open_fs(path)
         self.manifest = Manifest.load(self.path)
         self.settings = self.manifest.target_settings()
@@ -111,8 +115,11 @@ class TeacherCache:
             raise CacheError(f"{self.shard_path(s)}: unreadable Parquet ({e}); run `mmkd cache verify`") from e
 
     def decode(self, table: pa.Table, order: np.ndarray, where: str = "") -> list[CacheRow]:
+        return self.decode_batch(table, order, where).rows()
+
+    def decode_batch(self, table: pa.Table, order: np.ndarray, where: str = "") -> RowBatch:
         try:
-            return decode_stored(table, order, self.settings)
+            return decode_batch(table, order, self.settings)
         except (CacheError, ValueError, IndexError) as e:
             raise CacheError(f"{where}: {e}; run `mmkd cache verify`") from e
 
@@ -123,76 +130,87 @@ class TeacherCache:
             yield from self.decode(f.read(), self.vocab_order(f), self.shard_path(s))
 
     def rows(self) -> dict[str, CacheRow]:
-        """Every row decoded, keyed by sample id (small caches; stream large ones)."""
+        """Every row decoded, keyed by sample id (small caches: tests and tools; trainers
+        read rows where the plan needs them, read_rows / stream)."""
         return {r.sample_id: r for r in self.iter_rows()}
 
     # ------------------------------------------------------------ streaming for training
 
-    def plan(self, rank: int = 0, world_size: int = 1, seed: int | None = None, epoch: int = 0,
-             shuffle_buffer: int = 1024, remainder: str = "drop") -> tuple[np.ndarray, np.ndarray]:
-        """This rank's sample order for one epoch: (shard index, row in shard) arrays.
-
-        Global order: shards in manifest order, or shuffled with (seed, epoch). Rank r takes
-        the r-th contiguous slice of it, so it reads about 1/world_size of the shards. All
-        ranks get n = N // world_size samples (remainder="drop": the last N % world_size
-        are left out this epoch, and which ones changes with the shuffle) or ceil(N /
-        world_size) (remainder="pad": the order wraps around to fill the last slice). With a
-        seed, each block of shuffle_buffer samples is shuffled (seed, epoch, rank, block).
-        """
-        if remainder not in REMAINDERS:
-            raise ValueError(f"remainder {remainder!r}: choose one of {REMAINDERS}")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
-        shards = list(range(len(self.manifest.shards)))
-        if seed is not None:
-            random.Random(f"{seed}-{epoch}").shuffle(shards)
-        rows = np.array([self.manifest.shards[i].rows for i in shards], dtype=np.int64)
-        shard_of = np.repeat(np.array(shards, dtype=np.int64), rows)
-        row_of = np.arange(len(shard_of)) - np.repeat(np.r_[0, np.cumsum(rows)[:-1]], rows)
-        total = len(shard_of)
-        per = total // world_size if remainder == "drop" else -(-total // world_size)
-        if per == 0:
-            raise CacheError(f"{self.path}: {total} samples cannot give each of {world_size} ranks one")
-        idx = np.arange(rank * per, (rank + 1) * per) % total
-        shard_of, row_of = shard_of[idx], row_of[idx]
-        if seed is not None:
-            for b in range(0, per, shuffle_buffer):
-                perm = np.random.default_rng([seed, epoch, rank, b]).permutation(min(shuffle_buffer, per - b))
-                shard_of[b:b + len(perm)] = shard_of[b:b + len(perm)][perm]
-                row_of[b:b + len(perm)] = row_of[b:b + len(perm)][perm]
-        return shard_of, row_of
+    def epoch_plan(self, streams: int = 1, seed: int | None = 0, window: int = 1024,
+                   shard_rows: list | None = None, remainder: str = "drop") -> EpochPlan:
+        """The epoch plan over this cache's shards (storage.plan), in blocks of its Parquet row
+        groups. shard_rows: per shard, the rows to use (default all)."""
+        rows = shard_rows if shard_rows is not None else [s.rows for s in self.manifest.shards]
+        return EpochPlan(rows, streams, seed, window, ROW_GROUP_ROWS, remainder)
 
     def stream(self, rank: int = 0, world_size: int = 1, seed: int | None = None, epoch: int = 0,
                start: int = 0, shuffle_buffer: int = 1024, remainder: str = "drop") -> Iterator[CacheRow]:
-        """Yield this rank's rows in plan order, from position `start` (the number of rows
-        this rank already consumed this epoch: record it to resume exactly)."""
-        shard_of, row_of = self.plan(rank, world_size, seed, epoch, shuffle_buffer, remainder)
-        block = max(1, shuffle_buffer)
-        for b in range(start - start % block, len(shard_of), block):
-            sh, rw = shard_of[b:b + block], row_of[b:b + block]
-            decoded: dict[tuple[int, int], CacheRow] = {}
-            for s in np.unique(sh):
-                wanted = np.unique(rw[sh == s])
-                for r, row in zip(wanted, self._read_rows(int(s), wanted)):
-                    decoded[(int(s), int(r))] = row
-            first = start - b if b <= start else 0
-            for s, r in zip(sh[first:], rw[first:]):
-                yield decoded[(int(s), int(r))]
+        """Yield this rank's rows of one epoch in plan order (storage.plan with one stream per
+        rank and window shuffle_buffer), from position `start` (the number of rows this rank
+        already consumed this epoch: record it to resume exactly). Every rank gets the same
+        number of rows; each reads about 1/world_size of the shards."""
+        plan = self.epoch_plan(world_size, seed, shuffle_buffer, remainder=remainder)
+        items = plan.stream(rank, epoch)[start:]
+        for b in range(0, len(items), shuffle_buffer):
+            yield from self.read_items(plan, items[b:b + shuffle_buffer]).rows()
 
-    def _read_rows(self, shard: int, rows: np.ndarray) -> list[CacheRow]:
-        """Decoded rows (sorted row indices) of one shard, reading only their row groups."""
+    def read_items(self, plan: EpochPlan, items: np.ndarray) -> RowBatch:
+        """The rows of plan items `items`, decoded, in that order."""
+        shard, row = plan.locate(items)
+        parts, where = [], []
+        for s in np.unique(shard):
+            pick = np.flatnonzero(shard == s)
+            wanted, back = np.unique(row[pick], return_inverse=True)
+            parts.append(self.read_rows(int(s), wanted).take(back))
+            where.append(pick)
+        got = RowBatch.concat(parts) if len(parts) > 1 else parts[0]
+        return got.take(np.argsort(np.concatenate(where), kind="stable")) if len(parts) > 1 else got
+
+    def read_rows(self, shard: int, rows: np.ndarray) -> RowBatch:
+        """Decoded rows (sorted, unique row indices) of one shard, reading only their row
+        groups; the last few row groups read are kept (the plan's windows revisit them)."""
         info = self.manifest.shards[shard]
-        f = self._parquet(info)
+        f = self._footer(shard)
         group_rows = np.array([f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)], dtype=np.int64)
         group_start = np.r_[0, np.cumsum(group_rows)[:-1]]
         groups = np.unique(np.searchsorted(group_start, rows, side="right") - 1)
-        try:
-            table = f.read_row_groups([int(g) for g in groups])
-        except (OSError, pa.ArrowException) as e:
-            raise CacheError(f"{self.shard_path(info)}: unreadable Parquet ({e}); run `mmkd cache verify`") from e
+        tables = [self._row_group(shard, int(g)) for g in groups]
+        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
         read = np.concatenate([np.arange(group_start[g], group_start[g] + group_rows[g]) for g in groups])
         local = np.searchsorted(read, rows)  # rows are sorted and unique, as is `read`
-        return self.decode(table.take(pa.array(local)), self.vocab_order(f), self.shard_path(info))
+        return self.decode_batch(table.take(pa.array(local)), self._orders[shard], self.shard_path(info))
+
+    def _footer(self, shard: int) -> pq.ParquetFile:
+        """The open shard (footer parsed, vocabulary order unpacked), the last few kept."""
+        f = self._footers.pop(shard, None)
+        if f is None:
+            f = self._parquet(self.manifest.shards[shard])
+            self._orders[shard] = self.vocab_order(f)
+        self._footers[shard] = f  # most recently used last
+        while len(self._footers) > 64:
+            old = next(iter(self._footers))
+            self._footers.pop(old)
+            self._orders.pop(old, None)
+        return f
+
+    def __getstate__(self) -> dict:
+        # what goes to a loader worker: the open files and the row groups read stay behind
+        return {**self.__dict__, "_footers": {}, "_orders": {}, "_groups": {}}
+
+    def _row_group(self, shard: int, group: int) -> pa.Table:
+        key = (shard, group)
+        if key in self._groups:
+            self._groups[key] = self._groups.pop(key)  # most recently used last
+            return self._groups[key]
+        try:
+            table = self._footer(shard).read_row_group(group)
+        except (OSError, pa.ArrowException) as e:
+            raise CacheError(f"{self.shard_path(self.manifest.shards[shard])}: unreadable Parquet ({e}); run "
+                             "`mmkd cache verify`") from e
+        self._groups[key] = table
+        while len(self._groups) > self.keep_row_groups:
+            self._groups.pop(next(iter(self._groups)))
+        return table
 
     # ------------------------------------------------------------ integrity
 

@@ -86,6 +86,104 @@ class CacheRow:
     preference: Preference | None = None
 
 
+def _row_slices(lengths: np.ndarray) -> np.ndarray:
+    """Start offset of each row's run in a flat array (and the end, last)."""
+    return np.r_[0, np.cumsum(lengths)].astype(np.int64)
+
+
+def _gather_runs(lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Flat indices of the runs of rows `order` (in that order) of a flat array whose row i
+    holds lengths[i] entries."""
+    starts = _row_slices(lengths)[:-1][order]
+    sizes = lengths[order]
+    return np.repeat(starts - np.r_[0, np.cumsum(sizes)[:-1]], sizes) + np.arange(sizes.sum(), dtype=np.int64)
+
+
+@dataclass
+class TokenBatch:
+    """One kind's targets of several rows, flat in row order: row i holds the next lengths[i]
+    positions. Fields as TokenTargets, with a leading dimension of all rows' positions
+    (n = lengths.sum()). Decoding fills these arrays once per batch; `row(i)` is a view."""
+
+    lengths: np.ndarray  # int64 [rows]
+    positions: np.ndarray  # [n]
+    ids: np.ndarray  # int32 [n, w]
+    logprobs: np.ndarray | None = None  # float32 [n, k] (topk)
+    leftover: np.ndarray | None = None  # float32 [n] (topk)
+    counts: np.ndarray | None = None  # int32 [n, draws] (sampled)
+
+    def row(self, i: int) -> TokenTargets:
+        a, b = _row_slices(self.lengths)[i:i + 2]
+        return TokenTargets(*(None if v is None else v[a:b] for v in
+                              (self.positions, self.ids, self.logprobs, self.leftover, self.counts)))
+
+    def take(self, order: np.ndarray) -> "TokenBatch":
+        """The rows `order` (indices, any order, repeats allowed), as a new batch."""
+        idx = _gather_runs(self.lengths, np.asarray(order, dtype=np.int64))
+        return TokenBatch(self.lengths[order], *(None if v is None else v[idx] for v in
+                                                 (self.positions, self.ids, self.logprobs, self.leftover,
+                                                  self.counts)))
+
+    @staticmethod
+    def concat(parts: list["TokenBatch"]) -> "TokenBatch":
+        def cat(name):
+            vals = [getattr(p, name) for p in parts]
+            return None if vals[0] is None else np.concatenate(vals)
+        return TokenBatch(*(cat(n) for n in ("lengths", "positions", "ids", "logprobs", "leftover", "counts")))
+
+
+@dataclass
+class RowBatch:
+    """Several decoded rows, their token targets flat (TokenBatch): what a reader decodes in
+    one call. Kinds the cache does not hold are None. `row(i)` / `rows()` give CacheRows
+    whose arrays are views into the batch."""
+
+    sample_ids: list[str]
+    token_digests: list[str]
+    input_lengths: np.ndarray  # int64 [rows]
+    input_ids: np.ndarray  # int64 [sum of input_lengths], the rows' sequences one after another
+    response: TokenBatch | None = None
+    visual: TokenBatch | None = None
+    relation: list[np.ndarray] | None = None
+    preference: list["Preference"] | None = None
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def row(self, i: int) -> CacheRow:
+        a, b = _row_slices(self.input_lengths)[i:i + 2]
+        return CacheRow(self.sample_ids[i], self.token_digests[i], self.input_ids[a:b],
+                        *(None if t is None else t.row(i) for t in (self.response, self.visual)),
+                        None if self.relation is None else self.relation[i],
+                        None if self.preference is None else self.preference[i])
+
+    def rows(self) -> list[CacheRow]:
+        return [self.row(i) for i in range(len(self))]
+
+    def take(self, order) -> "RowBatch":
+        """The rows `order` (indices), as a new batch."""
+        order = np.asarray(order, dtype=np.int64)
+        pick = lambda xs: None if xs is None else [xs[i] for i in order]  # noqa: E731
+        return RowBatch(pick(self.sample_ids), pick(self.token_digests), self.input_lengths[order],
+                        self.input_ids[_gather_runs(self.input_lengths, order)],
+                        *(None if t is None else t.take(order) for t in (self.response, self.visual)),
+                        pick(self.relation), pick(self.preference))
+
+    @staticmethod
+    def concat(parts: list["RowBatch"]) -> "RowBatch":
+        """Rows of several batches (e.g. decoded from different shards), in that order."""
+        def cat_list(name):
+            vals = [getattr(p, name) for p in parts]
+            return None if vals[0] is None else [x for v in vals for x in v]
+
+        def cat_tokens(name):
+            vals = [getattr(p, name) for p in parts]
+            return None if vals[0] is None else TokenBatch.concat(vals)
+        return RowBatch(cat_list("sample_ids"), cat_list("token_digests"),
+                        np.concatenate([p.input_lengths for p in parts]), np.concatenate([p.input_ids for p in parts]),
+                        cat_tokens("response"), cat_tokens("visual"), cat_list("relation"), cat_list("preference"))
+
+
 def _token_fields(kind: str, raw: bool) -> list[pa.Field]:
     if raw:  # exact values, flat row-major
         return [pa.field(f"{kind}_positions", pa.list_(pa.int32())),

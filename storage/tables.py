@@ -18,7 +18,8 @@ import pyarrow.compute as pc
 import zstandard
 
 from mmkd.storage import codec
-from mmkd.storage.schema import RAW_SCHEMA, STORED_SCHEMA, TOKEN_KINDS, CacheError, CacheRow, Preference, TokenTargets
+from mmkd.storage.schema import (RAW_SCHEMA, STORED_SCHEMA, TOKEN_KINDS, CacheError, CacheRow, Preference, RowBatch,
+                                 TokenBatch)
 
 VOCAB_ORDER_KEY = b"mmkd.vocab_order"
 
@@ -80,10 +81,6 @@ def _binary_array(flat: np.ndarray, lengths: np.ndarray) -> pa.Array:
     np.cumsum(lengths, out=offsets[1:])
     data = np.ascontiguousarray(flat, dtype=np.uint8)
     return pa.BinaryArray.from_buffers(pa.binary(), len(lengths), [None, pa.py_buffer(offsets), pa.py_buffer(data)])
-
-
-def _split(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
-    return np.split(flat, np.cumsum(lengths)[:-1]) if len(lengths) else []
 
 
 def _present(table: pa.Table, name: str) -> bool:
@@ -208,8 +205,8 @@ def unpack_order(value: bytes | None) -> np.ndarray:
 
 # ---------------------------------------------------------------- STORED -> rows
 
-def decode_token_targets(table: pa.Table, kind: str, order: np.ndarray, s: TargetSettings) -> list[TokenTargets] | None:
-    """One kind's targets for every row of a STORED table (None when the kind is absent)."""
+def decode_token_targets(table: pa.Table, kind: str, order: np.ndarray, s: TargetSettings) -> TokenBatch | None:
+    """One kind's targets of every row of a STORED table, flat (None when the kind is absent)."""
     if not _present(table, f"{kind}_positions"):
         return None
     positions, pos_lens = _list_flat(table.column(f"{kind}_positions"))
@@ -231,12 +228,9 @@ def decode_token_targets(table: pa.Table, kind: str, order: np.ndarray, s: Targe
         if len(values) != len(ids) or len(left) != n:
             raise CacheError(f"{kind}: {len(values)} values / {len(left)} leftover entries for {len(ids)} ids / "
                              f"{n} positions; the shard is malformed")
-        ids2 = ids.reshape(n, s.width)
         lp = codec.decode_logprobs(values, s.codec.levels).reshape(n, s.width)
         leftover = np.exp(codec.decode_logprobs(left, s.codec.levels))
-        parts = zip(_split(positions, pos_lens), _split(ids2, pos_lens), _split(lp, pos_lens),
-                    _split(leftover, pos_lens))
-        return [TokenTargets(p, i, v, r) for p, i, v, r in parts]
+        return TokenBatch(pos_lens, positions, ids.reshape(n, s.width), lp, leftover)
     counts = _binary_flat(table.column(f"{kind}_counts"))[0]
     if len(counts) != len(ids):
         raise CacheError(f"{kind}: {len(counts)} counts for {len(ids)} ids; the shard is malformed")
@@ -245,29 +239,30 @@ def decode_token_targets(table: pa.Table, kind: str, order: np.ndarray, s: Targe
     pid = np.zeros((n, s.width), np.int32)
     pct = np.zeros((n, s.width), np.int32)
     pid[row, col], pct[row, col] = ids, counts
-    parts = zip(_split(positions, pos_lens), _split(pid, pos_lens), _split(pct, pos_lens))
-    return [TokenTargets(p, i, counts=c) for p, i, c in parts]
+    return TokenBatch(pos_lens, positions, pid, counts=pct)
 
 
-def decode_stored(table: pa.Table, order: np.ndarray, s: TargetSettings) -> list[CacheRow]:
-    """A STORED table (one shard, or any slice of one) -> its rows, decoded."""
+def decode_batch(table: pa.Table, order: np.ndarray, s: TargetSettings) -> RowBatch:
+    """A STORED table (one shard, or any slice of one) -> its rows decoded, flat (RowBatch):
+    a handful of vectorised passes over the table, whatever its number of rows."""
     ids, lens = _list_flat(table.column("input_ids"))
-    rows = [CacheRow(sid, dig, seq.astype(np.int64)) for sid, dig, seq in
-            zip(table.column("sample_id").to_pylist(), table.column("token_digest").to_pylist(), _split(ids, lens))]
-    for kind in TOKEN_KINDS:
-        targets = decode_token_targets(table, kind, order, s)
-        for r, t in zip(rows, targets or []):
-            setattr(r, kind, t)
+    batch = RowBatch(table.column("sample_id").to_pylist(), table.column("token_digest").to_pylist(), lens,
+                     ids.astype(np.int64), *(decode_token_targets(table, kind, order, s) for kind in TOKEN_KINDS))
     if _present(table, "relation"):
-        for r, blob, size in zip(rows, table.column("relation").to_pylist(), table.column("relation_size").to_pylist()):
-            r.relation = codec.decode_relation(blob, size, s.codec.relation)
+        batch.relation = [codec.decode_relation(blob, size, s.codec.relation) for blob, size in
+                          zip(table.column("relation").to_pylist(), table.column("relation_size").to_pylist())]
     if _present(table, "chosen_logprob"):
         names = ("chosen_logprob", "rejected_logprob", "chosen_token_logprobs", "rejected_token_logprobs",
                  "rejected_token_digest")
         cols = {nm: table.column(nm).to_pylist() for nm in names}
-        for i, r in enumerate(rows):
-            r.preference = Preference(
-                cols["chosen_logprob"][i], cols["rejected_logprob"][i],
-                np.asarray(cols["chosen_token_logprobs"][i], np.float32),
-                np.asarray(cols["rejected_token_logprobs"][i], np.float32), cols["rejected_token_digest"][i])
-    return rows
+        batch.preference = [Preference(
+            cols["chosen_logprob"][i], cols["rejected_logprob"][i],
+            np.asarray(cols["chosen_token_logprobs"][i], np.float32),
+            np.asarray(cols["rejected_token_logprobs"][i], np.float32), cols["rejected_token_digest"][i])
+            for i in range(table.num_rows)]
+    return batch
+
+
+def decode_stored(table: pa.Table, order: np.ndarray, s: TargetSettings) -> list[CacheRow]:
+    """A STORED table -> its rows, decoded, one CacheRow each (views into decode_batch)."""
+    return decode_batch(table, order, s).rows()

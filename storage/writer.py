@@ -42,7 +42,10 @@ def file_sha256(fs, path: str) -> str:
     return h.hexdigest()
 
 
-def encode_parquet(table: pa.Table, compression: str, level: int, row_group_rows: int = 128) -> bytes:
+ROW_GROUP_ROWS = 128  # rows per Parquet row group of a shard: the unit readers fetch and the plan shuffles
+
+
+def encode_parquet(table: pa.Table, compression: str, level: int, row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression=compression, compression_level=level, row_group_size=row_group_rows)
     return buf.getvalue()
@@ -63,7 +66,8 @@ class CacheWriter:
     learned from the shard's own targets).
     """
 
-    def __init__(self, cache_dir: str, manifest: Manifest, rows_per_shard: int = 512, row_group_rows: int = 128):
+    def __init__(self, cache_dir: str, manifest: Manifest, rows_per_shard: int = 512,
+                 row_group_rows: int = ROW_GROUP_ROWS):
         self.path = str(cache_dir)
         self.fs, self.root = open_fs(cache_dir)
         self.fs.makedirs(self.root, exist_ok=True)
