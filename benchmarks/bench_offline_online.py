@@ -129,50 +129,47 @@ def train_and_evaluate(cfg, demo: Path, test_json: Path, log) -> dict:
 def step_costs(a, demo: Path, train_json: Path, caches: dict[str, str], vocab: int, log) -> dict:
     """Median seconds per training step of SFT, offline KD (top-k at the largest k, sampled)
     and online KD: one process, interleaved rounds over the same batches."""
-    from functools import partial
-
     from transformers import AutoProcessor
 
-    from mmkd.common.inputs import read_inputs
+    from mmkd.common.inputs import SampleList, read_inputs
     from mmkd.common.preprocess import image_token_id
     from mmkd.pipelines.demo import DemoConfig
     from mmkd.storage.reader import TeacherCache
-    from mmkd.student.data import DistillDataset, collate_items
+    from mmkd.student import terms
+    from mmkd.student.data import StudentData
     from mmkd.student.model import build_llava
     from mmkd.student.online import OnlineTeacher
-    from mmkd.student.outputs import StudentOutputs, vision_inputs
-    from mmkd.student.train import TrainConfig, distill_terms, term_weights
+    from mmkd.student.outputs import StudentOutputs
+    from mmkd.student.train import TrainConfig
 
     d = DemoConfig()
     processor = AutoProcessor.from_pretrained(demo / "processor")
-    samples = read_inputs(str(train_json), image_root=str(demo / "data"))[: a.cost_steps * d.batch_size]
-    collate = partial(collate_items, pad_id=processor.tokenizer.pad_token_id)
+    samples = SampleList(read_inputs(str(train_json), image_root=str(demo / "data"))[: a.cost_steps * d.batch_size])
 
-    def batches(cache: str | None) -> list[dict]:
-        ds = DistillDataset(samples, processor, str(demo / "data"), 256, TeacherCache(cache) if cache else None)
-        return [collate([ds[i] for i in range(s, min(s + d.batch_size, len(ds)))])
-                for s in range(0, len(ds), d.batch_size)]
+    def batches(cache: str | None) -> list:
+        ds = StudentData(samples, processor, str(demo / "data"), 256, TeacherCache(cache) if cache else None)
+        return [ds.batch(range(s, min(s + d.batch_size, len(ds)))) for s in range(0, len(ds), d.batch_size)]
 
     topk = topk_row(max(a.k), vocab)
     sampled = sampled_row(a.draws)
     modes = {ROW_SFT: batches(None), topk: batches(caches[topk]), sampled: batches(caches[sampled])}
     cfg = TrainConfig(lr=d.student_lr)  # ce_weight = kd_weight = 1, as the trained rows
-    weights = term_weights(cfg)  # one rank, no accumulation: the trainer's loss is this weighted sum
     states = {}
     for name in [*modes, ROW_ONLINE]:
         model = build_llava(d.student_arch, processor, seed=0).train()
         teacher = OnlineTeacher(str(demo / "teacher"), processor, model) if name == ROW_ONLINE else None
         data = modes[ROW_SFT] if name == ROW_ONLINE else modes[name]
+        # one rank, no accumulation: the trainer's loss is the weighted sum of the stage's terms
+        stage = [t for t in terms.stage_terms(cfg, teacher=name != ROW_SFT, moe=False) if terms.weight_of(t, cfg)]
         states[name] = (StudentOutputs(model, image_token_id(processor), vocab), torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr), teacher, data)
+            model.parameters(), lr=cfg.lr), teacher, stage, data)
 
-    def step(wrapped, opt, teacher, batch) -> float:
+    def step(wrapped, opt, teacher, stage, batch) -> float:
         t = time.perf_counter()
-        vision = vision_inputs(batch)
         if teacher is not None:
-            batch = {**batch, **teacher.targets(batch, vision)}
-        out = wrapped(batch["input_ids"], batch["attention_mask"], batch["labels"], vision)
-        loss = sum(weights[n] * v for n, v in distill_terms(out, batch, cfg).items() if n in weights)
+            teacher.fill(batch)
+        out = wrapped(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None)
+        loss = sum(terms.weight_of(term, cfg) * term.loss(out, batch, cfg, wrapped.model) for term in stage)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -182,7 +179,7 @@ def step_costs(a, demo: Path, train_json: Path, caches: dict[str, str], vocab: i
     names = list(states)
     for r in range(a.cost_rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            per_step = [step(*states[name][:3], b) for b in states[name][3]]
+            per_step = [step(*states[name][:4], b) for b in states[name][4]]
             if r > 0:  # the first round warms up allocators and caches
                 times[name] += per_step
         log(f"[cost] round {r + 1}/{a.cost_rounds} done")

@@ -5,8 +5,8 @@ subset) on the demo's data (ROOT = the workdir of `mmkd demo`: data/train.json, 
 cache/train; only read), with the loss terms of --stage (kd: CE + response KD, student (b);
 rdist: + MDist visual + RDist, student (d); ce: no cache, student (a)):
 
-  (a) loader alone: the training DataLoader (DistillDataset: image decode, chat template,
-      tokenisation, image processing, cache-row join and alignment check; collate) iterated
+  (a) loader alone: the training DataLoader (StudentData: cache rows read and decoded, image
+      decode, chat template, tokenisation, image processing, alignment check; collate) iterated
       without training, for each --workers count; samples/s from the first batch on, and the
       first batch's delay (worker start-up) apart.
   (b) step alone: student.train.train() with keep_encoded=True, num_workers=0 and two epochs:
@@ -26,13 +26,12 @@ loader/step = (a) / (b): below 1 the loader cannot feed the step however it over
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-import random
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -59,22 +58,11 @@ def loader_alone(cfg: TrainConfig, num_workers: int) -> dict:
     """(a): the DataLoader train() builds for cfg, iterated to the end without a step."""
     from transformers import AutoProcessor
 
-    from mmkd.common.inputs import read_config_inputs
-    from mmkd.storage.reader import TeacherCache
-    from mmkd.student.data import DistillDataset, collate_items, rank_batches
-    from mmkd.student.train import used_record_kinds
+    from mmkd.student.train import loader, setup_data
 
     processor = AutoProcessor.from_pretrained(cfg.processor)
-    samples = read_config_inputs(cfg.inputs)
-    random.Random(cfg.seed).shuffle(samples)
-    samples = samples[: cfg.subset]
-    cache = TeacherCache(cfg.cache) if cfg.cache else None
-    dataset = DistillDataset(samples, processor, cfg.inputs.image_root, cfg.max_length, cache, False,
-                             used_record_kinds(cfg))
-    batches = rank_batches(len(dataset), cfg.batch_size, 0, 1, cfg.seed, 0)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
-                                         prefetch_factor=4 if num_workers else None,
-                                         collate_fn=partial(collate_items, pad_id=processor.tokenizer.pad_token_id))
+    data = setup_data(dataclasses.replace(cfg, num_workers=num_workers), processor, 0, 1)
+    loader = loader(dataclasses.replace(cfg, num_workers=num_workers), data, 0, 1, 0, 0)
     t0 = time.perf_counter()
     it = iter(loader)
     next(it)

@@ -36,11 +36,13 @@ whole input (the teacher pass quarantines them: pipelines/quarantine.py).
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import threading
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from mmkd.common.samples import (
@@ -247,13 +249,13 @@ def _jsonable(v) -> bool:
     return False
 
 
-def _read_dataset(data: str, pairs: bool, split: str | None, image_column: str, id_column: str,
-                  errors: list | None = None) -> list:
-    data = data if "://" in data else os.path.abspath(data)  # the ImageRefs' data: workers may have another cwd
-    ds = open_dataset(data, split)
-    where = f"{data}{f' (split {split})' if split else ''}"
-    fields = ["question", "chosen", "rejected"] if pairs else ["conversations"]
-    cols = list(ds.column_names)
+def _fields(pairs: bool) -> list[str]:
+    return ["question", "chosen", "rejected"] if pairs else ["conversations"]
+
+
+def _check_columns(cols: list[str], where: str, pairs: bool, image_column: str, id_column: str) -> None:
+    """Refuse a data set without the columns its layout needs, saying which flag names them."""
+    fields = _fields(pairs)
     missing = [c for c in [id_column] + fields if c not in cols]
     if image_column and image_column not in cols:
         missing.append(image_column)
@@ -271,20 +273,37 @@ def _read_dataset(data: str, pairs: bool, split: str | None, image_column: str, 
         raise SampleError(f"{where}: no column(s) {missing}; {layout} rows need {[id_column] + fields}"
                           f"{f' and the image column {image_column!r}' if image_column else ''}; the columns are "
                           f"{cols}{'; ' + '; '.join(hint) if hint else ''}")
+
+
+def _convert_rows(arrow, start: int, stop: int, data: str, split: str | None, where: str, pairs: bool,
+                  image_column: str, id_column: str, errors: list | None = None) -> list:
+    """Rows start..stop-1 of an Arrow-format data set -> Samples (or PreferencePairs); an
+    embedded image becomes an ImageRef to its cell. errors as in read_inputs."""
+    tb = arrow[start:stop]
+    others = [c for c in tb.column_names if c != image_column]
+    cells = _image_cells(tb.column(image_column), where, image_column) if image_column else [None] * len(tb)
+    out = []
+    for j, (row, cell) in enumerate(zip(tb.select(others).to_pylist(), cells)):
+        i = start + j
+        image = ImageRef(data, split, i, image_column, id_column) if cell is True else cell
+        key = f"{where}#{i}" if row[id_column] is None else str(row[id_column])
+        try:
+            out.append(_row_item(row, image, id_column, _fields(pairs), pairs, f"{where}#{i}"))
+        except SampleError as e:
+            refuse_or_set_aside(errors, key, e)
+    return out
+
+
+def _read_dataset(data: str, pairs: bool, split: str | None, image_column: str, id_column: str,
+                  errors: list | None = None) -> list:
+    data = data if "://" in data else os.path.abspath(data)  # the ImageRefs' data: workers may have another cwd
+    ds = open_dataset(data, split)
+    where = f"{data}{f' (split {split})' if split else ''}"
+    _check_columns(list(ds.column_names), where, pairs, image_column, id_column)
     arrow = ds.with_format("arrow")
-    others = [c for c in cols if c != image_column]
     out = []
     for start in range(0, len(ds), _BATCH):
-        tb = arrow[start:start + _BATCH]
-        cells = _image_cells(tb.column(image_column), where, image_column) if image_column else [None] * len(tb)
-        for j, (row, cell) in enumerate(zip(tb.select(others).to_pylist(), cells)):
-            i = start + j
-            image = ImageRef(data, split, i, image_column, id_column) if cell is True else cell
-            key = f"{where}#{i}" if row[id_column] is None else str(row[id_column])
-            try:
-                out.append(_row_item(row, image, id_column, fields, pairs, f"{where}#{i}"))
-            except SampleError as e:
-                refuse_or_set_aside(errors, key, e)
+        out += _convert_rows(arrow, start, start + _BATCH, data, split, where, pairs, image_column, id_column, errors)
     check_unique_ids(out, where, "pair" if pairs else "sample")
     return out
 
@@ -363,3 +382,132 @@ def load_image(image_root: str | Path, sample: Sample) -> Image.Image | None:
             return im.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise SampleError(f"sample {sample.id}: cannot read image {path}: {e}") from e
+
+
+def _json_dataset(path: str):
+    """A .json / .jsonl file as a memory-mapped datasets.Dataset (converted once into
+    datasets' Arrow cache, HF_DATASETS_CACHE, and reused while the file is unchanged)."""
+    datasets, was_quiet = _quiet_datasets()
+    try:
+        return datasets.Dataset.from_json(path)
+    except Exception as e:  # noqa: BLE001 - any failure to build one table becomes a message naming the file
+        raise SampleError(f"{path}: cannot read the records as one table ({type(e).__name__}: {e}); every record "
+                          "needs the same fields with the same types (JSON Lines with one record a line is safest)"
+                          ) from e
+    finally:
+        if not was_quiet:
+            datasets.enable_progress_bars()
+
+
+def _id_hash(ids: list[str]) -> np.ndarray:
+    """uint64 [len(ids)]: a 64-bit hash of each id (blake2b), for an index that costs 16
+    bytes per sample instead of a Python dict's ~100."""
+    return np.fromiter((int.from_bytes(hashlib.blake2b(i.encode(), digest_size=8).digest(), "little") for i in ids),
+                       np.uint64, len(ids))
+
+
+class SampleList:
+    """Samples (or pairs) already in memory, with SampleTable's interface: small inputs,
+    tests, and samples built in Python."""
+
+    def __init__(self, items: list):
+        self.items = list(items)
+        self.pairs = bool(self.items) and isinstance(self.items[0], PreferencePair)
+        check_unique_ids(self.items, "samples")
+        self._row = {x.id: i for i, x in enumerate(self.items)}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[int(i)]
+
+    def id_at(self, i: int) -> str:
+        return self.items[int(i)].id
+
+    def rows_of(self, ids: list[str]) -> np.ndarray:
+        return np.array([self._row.get(i, -1) for i in ids], dtype=np.int64)
+
+
+class SampleTable:
+    """The samples (or preference pairs, pairs=True) of an input, read per row from a
+    memory-mapped Arrow data set, so a process holds none of them as Python objects: JSON /
+    JSONL files are converted once by `datasets` (its cache), Parquet and save_to_disk
+    folders are opened as read_inputs opens them. Loader workers get a copy that reopens the
+    same memory-mapped files.
+
+    Opening checks every row as read_inputs does (strict: the first bad record is refused
+    with its file and row), the ids' uniqueness and the image root, reading the rows in
+    batches and keeping only an id index (a 64-bit hash per sample, 16 bytes with its row).
+    item [i]: the i-th sample in the input's order; rows_of(ids): their rows (-1: absent).
+    """
+
+    def __init__(self, inputs, pairs: bool = False):
+        data, split = str(inputs.data), inputs.data_split
+        image_column, id_column = inputs.image_column, inputs.id_column
+        if detect_format(data) == "json":
+            if split is not None:
+                raise SampleError(f"{data}: a JSON file has no splits; drop --data-split {split}")
+            ds = _json_dataset(data)
+            if image_column and image_column not in ds.column_names:  # JSON records may have no image key at all
+                image_column = ""
+            if id_column not in ds.column_names:
+                raise SampleError(f"{data}: the records have no {id_column!r} key (the id column); their keys are "
+                                  f"{ds.column_names}: name the id key with --id-column")
+            where = data
+        else:
+            data = data if "://" in data else os.path.abspath(data)  # ImageRefs: workers may have another cwd
+            ds = open_dataset(data, split)
+            where = f"{data}{f' (split {split})' if split else ''}"
+        _check_columns(list(ds.column_names), where, pairs, image_column, id_column)
+        self.data, self.split, self.where, self.pairs = data, split, where, pairs
+        self.image_column, self.id_column = image_column, id_column
+        self._arrow = ds.with_format("arrow")
+        self._ids = ds.select_columns([id_column]).with_format("arrow")
+        hashes, needs_root = [], None
+        for start in range(0, len(ds), _BATCH):
+            items = self._rows(start, start + _BATCH)
+            hashes.append(_id_hash([x.id for x in items]))
+            if needs_root is None:
+                needs_root = next((x for x in items if isinstance(x.image, str)), None)
+        self._hash = np.concatenate(hashes) if hashes else np.zeros(0, np.uint64)
+        self._sorted = np.argsort(self._hash, kind="stable")
+        dup = np.flatnonzero(np.diff(self._hash[self._sorted]) == 0)
+        for d in dup:  # equal hashes: the same id twice (or, rarely, two ids of one hash)
+            a, b = sorted(int(r) for r in self._sorted[d:d + 2])
+            if self.id_at(a) == self.id_at(b):
+                raise SampleError(f"{where}: {'pair' if pairs else 'sample'} id {self.id_at(a)!r} appears twice "
+                                  f"(records {a} and {b}); ids must be unique (the cache is keyed by them)")
+        if needs_root is not None and not inputs.image_root:
+            raise SampleError(f"{data}: sample {needs_root.id} refers to the image file {needs_root.image!r} but no "
+                              "image root was given; set --image-root to the folder the image paths are relative to")
+
+    def _rows(self, start: int, stop: int) -> list:
+        return _convert_rows(self._arrow, start, stop, self.data, self.split, self.where, self.pairs,
+                             self.image_column, self.id_column)
+
+    def __len__(self) -> int:
+        return len(self._hash)
+
+    def __getitem__(self, i: int):
+        return self._rows(int(i), int(i) + 1)[0]
+
+    def id_at(self, i: int) -> str:
+        return str(self._ids[int(i)][self.id_column][0].as_py())
+
+    def rows_of(self, ids: list[str]) -> np.ndarray:
+        """int64 [len(ids)]: the row of each id in this input, -1 where it is absent."""
+        h = _id_hash(ids)
+        sorted_hash = self._hash[self._sorted]
+        lo, hi = np.searchsorted(sorted_hash, h, "left"), np.searchsorted(sorted_hash, h, "right")
+        out = np.full(len(ids), -1, np.int64)
+        one = hi - lo == 1
+        out[one] = self._sorted[lo[one]]
+        for j in np.flatnonzero(hi - lo > 1):  # a hash shared by several ids: compare the ids themselves
+            out[j] = next((int(r) for r in self._sorted[lo[j]:hi[j]] if self.id_at(r) == ids[j]), -1)
+        found = np.flatnonzero(one)
+        if len(found):  # a lone hash match of an id that is not in the input: compare the ids
+            stored = self._ids[out[found].tolist()].column(self.id_column).to_pylist()
+            wrong = np.array([str(a) != ids[j] for a, j in zip(stored, found)], dtype=bool)
+            out[found[wrong]] = -1
+        return out

@@ -27,9 +27,11 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_demo_processor(out_dir: str | Path) -> LlavaProcessor:
-    """Build and save the demo processor to out_dir; returns it."""
-    vocab = {t: i for i, t in enumerate(SPECIAL + corpus_words() + [":", "?", ".", ","])}
+def build_demo_processor(out_dir: str | Path, extra_words: tuple[str, ...] = ()) -> LlavaProcessor:
+    """Build and save the demo processor to out_dir; returns it. extra_words: more words for
+    the vocabulary (after the demo's; benchmarks that need more ids than the demo's 49)."""
+    words = corpus_words() + [w for w in extra_words if w not in set(corpus_words())]
+    vocab = {t: i for i, t in enumerate(SPECIAL + words + [":", "?", ".", ","])}
     tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tk.normalizer = normalizers.Lowercase()
     tk.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])

@@ -111,13 +111,21 @@ class EpochPlan:
         per = self.streams // world
         return range(rank * per, (rank + 1) * per)
 
-    def micro_batches(self, rank: int, world: int, batch_size: int, epoch: int = 0) -> list[np.ndarray]:
-        """This rank's micro-batches of `batch_size` items for one epoch (step 3)."""
-        mine = self.rank_streams(rank, world)
+    def _per_stream(self, world: int, batch_size: int) -> int:
+        """b: the rows each stream gives a micro-batch."""
         if (batch_size * world) % self.streams:
             raise ValueError(f"a global micro-batch of {batch_size} x {world} ranks cannot take the same number of "
                              f"rows from each of {self.streams} streams: use a batch size whose product with the "
                              "number of ranks is a multiple of the streams")
-        b = batch_size * world // self.streams
+        return batch_size * world // self.streams
+
+    def num_micro_batches(self, world: int, batch_size: int) -> int:
+        """Micro-batches per rank and epoch (the same on every rank)."""
+        return self.stream_length // self._per_stream(world, batch_size)
+
+    def micro_batches(self, rank: int, world: int, batch_size: int, epoch: int = 0) -> list[np.ndarray]:
+        """This rank's micro-batches of `batch_size` items for one epoch (step 3)."""
+        mine = self.rank_streams(rank, world)
+        b = self._per_stream(world, batch_size)
         streams = [self.stream(j, epoch) for j in mine]
         return [np.concatenate([s[m * b:(m + 1) * b] for s in streams]) for m in range(self.stream_length // b)]

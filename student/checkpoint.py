@@ -18,7 +18,7 @@ it empty).
 
 Resume (`resume`, default true) continues from the latest complete checkpoint: weights,
 optimizer, scheduler and RNG states are restored, and the epoch's deterministic batch list
-(student.data.rank_batches) is sliced after the micro-batches already consumed, so nothing
+(storage.plan: this rank's micro-batches) is sliced after the micro-batches already consumed, so nothing
 is re-read and the loss curve continues as if the run had never stopped.
 
 Loading runs no code: our files are JSON. DeepSpeed's files are torch pickles, which its
@@ -56,7 +56,7 @@ class Position:
     """Where a run stands after an optimizer step.
 
     step: optimizer steps done; epoch: the epoch the step is in; batch: micro-batches of that
-    epoch's batch list (this rank's, from rank_batches) consumed; wall_s: seconds spent
+    epoch's micro-batches (this rank's, from the epoch plan) consumed; wall_s: seconds spent
     training so far.
     """
 

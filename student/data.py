@@ -1,35 +1,45 @@
-"""The student's data: samples re-encoded with the student's processor, joined with the
-teacher's cached targets, checked for alignment, batched per data-parallel rank.
+"""The student's data path: plan items -> batches with typed teacher targets, built in the
+loader's worker processes.
+
+Items are the rows the stage trains on: with a cache, the cache's rows whose sample is in
+the input (in shard order; a shard's items are its rows, so storage.plan can order them by
+shards and row groups), without one the input's samples (in pieces of INPUT_PIECE rows).
+StudentData.batch(items) reads just those cache rows (TeacherCache.read_items: their row
+groups only), decodes them flat (storage.schema.RowBatch), reads the samples from the
+memory-mapped input (common.inputs.SampleTable), re-encodes each with the student's
+processor, checks it against its row (invariant 1) and collates a student.targets.Batch.
+Nothing is decoded ahead of the plan: a process holds the batches in flight and the last
+row groups read, whatever the size of the cache or of the input.
 
 The student never sees the teacher: only the cache rows (storage/) and the samples.
 """
 
 from __future__ import annotations
 
-import random
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from mmkd.common.check import vocab_digest
 from mmkd.common.inputs import load_image
-from mmkd.common.preprocess import IGNORE_INDEX, Encoded, collate, encode_sample, image_token_count, image_token_id
-from mmkd.common.samples import PreferencePair, Sample
+from mmkd.common.preprocess import (
+    IGNORE_INDEX,
+    VISION_KEYS,
+    Encoded,
+    collate,
+    encode_sample,
+    image_token_count,
+    image_token_id,
+)
 from mmkd.storage.fs import join
-from mmkd.storage.reader import CacheRow, TeacherCache
-from mmkd.storage.schema import CacheError, collapse_image_runs, token_digest
+from mmkd.storage.plan import EpochPlan
+from mmkd.storage.reader import TeacherCache
+from mmkd.storage.schema import CacheError, CacheRow, TokenBatch, collapse_image_runs, token_digest
 from mmkd.storage.writer import ERRORS_NAME
+from mmkd.student.targets import Batch, Sampled, TopK
 
 
 class AlignmentError(CacheError):
     """The sequence the student built differs from the one the teacher saw."""
-
-
-@dataclass
-class Item:
-    encoded: Encoded
-    target: CacheRow | None
 
 
 def check_alignment(enc: Encoded, row: CacheRow, processor, kinds: tuple[str, ...] = ("response",)) -> None:
@@ -70,56 +80,139 @@ def _visual_count_message(where: str, student: int, teacher: int) -> str:
             "the student the teacher's image resolution and patch grid")
 
 
-class DistillDataset(torch.utils.data.Dataset):
-    """Map-style: item i = sample i encoded by the student's processor (+ its cache row).
+INPUT_PIECE = 1024  # input rows per piece of the plan when there is no cache (the plan's "shards")
 
-    With a cache, every sample must have a row (an error lists the missing ids), and each
-    row is alignment-checked when its item is built. kinds: the record kinds the training
-    terms use (response, visual, relation); the cache must hold them.
+
+def _targets(tb: TokenBatch | None, mode: str) -> TopK | Sampled | None:
+    """A kind's decoded targets as the typed value the loss terms read."""
+    if tb is None:
+        return None
+    ids = torch.from_numpy(tb.ids).long()  # gather indices
+    if mode == "sampled":
+        return Sampled(ids, torch.from_numpy(tb.counts))
+    return TopK(ids, torch.from_numpy(tb.logprobs), torch.from_numpy(tb.leftover))
+
+
+def _tensors(encoded: list[Encoded], pad_id: int) -> dict:
+    arrays = collate(encoded, pad_id)
+    vision = {k: torch.from_numpy(arrays.pop(k)) for k in VISION_KEYS if k in arrays}
+    return {**{k: torch.from_numpy(v) for k, v in arrays.items()}, "vision": vision}
+
+
+class StudentData(torch.utils.data.Dataset):
+    """The items of one stage (module docstring), batched by batch(items) / __getitems__ (the
+    DataLoader hands a list of items to a worker, which returns the collated Batch).
+
+    samples: the input (common.inputs.SampleTable, or SampleList for samples in memory);
+    preference pairs when samples.pairs. cache: the teacher cache (None: CE only, or the
+    online baseline). kinds: the record kinds the stage's terms read (student.terms).
+    subset: input rows to use (None: all). keep_encoded: remember each encoded sample
+    (small data trained for many epochs in one process; needs num_workers=0).
+
+    shard_rows: per cache shard (or input piece), the rows used: the layout storage.plan
+    orders. Refuses, before any step, a cache lacking the kinds, another vocabulary or
+    image token or temperature (check_cache_compatible), and input samples the cache has no
+    row for (naming them and the teacher pass's errors file).
     """
 
-    def __init__(self, samples: list[Sample], processor, image_root: str, max_length: int,
-                 cache: TeacherCache | None = None, keep_encoded: bool = False,
-                 kinds: tuple[str, ...] = ("response",)):
-        self.samples, self.processor = samples, processor
-        self.image_root, self.max_length = image_root, max_length
-        # keep_encoded: remember each encoded sample after its first use (small data sets
-        # trained for many epochs in one process; pixel values make this costly for large ones)
+    def __init__(self, samples, processor, image_root: str, max_length: int, cache: TeacherCache | None = None,
+                 kinds: tuple[str, ...] = ("response",), subset: np.ndarray | None = None, keep_encoded: bool = False):
+        self.samples, self.processor, self.cache = samples, processor, cache
+        self.image_root, self.max_length, self.kinds = image_root, max_length, kinds
+        self.pad_id, self.image_token_id = processor.tokenizer.pad_token_id, image_token_id(processor)
         self._encoded: dict[int, Encoded] | None = {} if keep_encoded else None
-        self.rows: dict[str, CacheRow] | None = None
-        self.max_target_id: int | None = None
-        self.kinds = kinds
-        if cache is not None:
-            check_cache_compatible(cache, processor, kinds)
-            self.rows = cache.rows()
-            self.max_target_id = max((int(t.ids.max()) for r in self.rows.values()
-                                      for t in (r.response, r.visual) if t is not None and t.ids.size), default=None)
-            missing = [s.id for s in samples if s.id not in self.rows]
-            if missing:
+        n = len(samples)
+        use = np.ones(n, dtype=bool) if subset is None else np.isin(np.arange(n), subset)
+        if cache is None:
+            pieces = range(0, n, INPUT_PIECE)
+            self.shard_rows = [np.flatnonzero(use[a:a + INPUT_PIECE]) for a in pieces]
+            self.input_rows = np.concatenate([a + r for a, r in zip(pieces, self.shard_rows)]) if n else \
+                np.zeros(0, np.int64)
+        else:
+            if samples.pairs and "preference" not in cache.manifest.record_kinds:
+                raise CacheError(f"{cache.path}: holds no preference records ({cache.manifest.record_kinds}); "
+                                 "run the teacher pass with --records preference on the pairs file")
+            if not samples.pairs:
+                check_cache_compatible(cache, processor, kinds)
+            rows = [samples.rows_of(s.sample_ids) for s in cache.manifest.shards]
+            self.shard_rows = [np.flatnonzero((r >= 0) & use[np.maximum(r, 0)]) for r in rows]
+            self.input_rows = np.concatenate([r[k] for r, k in zip(rows, self.shard_rows)]) if rows else \
+                np.zeros(0, np.int64)
+            covered = np.zeros(n, dtype=bool)
+            covered[self.input_rows] = True
+            missing = np.flatnonzero(use & ~covered)
+            if len(missing):
+                what = "pairs have no cached reference log-probs" if samples.pairs else "samples have no cached targets"
                 errors = join(cache.root, ERRORS_NAME)
                 raise CacheError(
-                    f"{cache.path}: {len(missing)} of {len(samples)} samples have no cached targets "
-                    f"(first: {missing[:5]}); run the teacher pass on this data (it resumes) "
+                    f"{cache.path}: {len(missing)} of {int(use.sum())} {what} (first: "
+                    f"{[samples.id_at(i) for i in missing[:5]]}); run the teacher pass on this data (it resumes) "
                     "or train on the cached samples only"
                     + (f"; the samples the teacher pass set aside are listed with the reason in {errors}"
-                       if cache.fs.exists(errors) else "")
-                )
+                       if cache.fs.exists(errors) else ""))
+        self._layout = EpochPlan(self.shard_rows, seed=None)  # item numbering (the plan's locate)
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return len(self.input_rows)
 
-    def __getitem__(self, i: int) -> Item:
-        s = self.samples[i]
-        enc = self._encoded.get(i) if self._encoded is not None else None
+    def __getitem__(self, i: int) -> Batch:
+        return self.batch([i])
+
+    def __getitems__(self, items) -> Batch:
+        return self.batch(items)
+
+    def _encode(self, row: int, sample) -> Encoded:
+        enc = self._encoded.get(row) if self._encoded is not None else None
         if enc is None:
-            enc = encode_sample(self.processor, s, load_image(self.image_root, s), self.max_length)
+            enc = encode_sample(self.processor, sample, load_image(self.image_root, sample), self.max_length)
             if self._encoded is not None:
-                self._encoded[i] = enc
-        row = None
-        if self.rows is not None:
-            row = self.rows[s.id]
-            check_alignment(enc, row, self.processor, self.kinds)
-        return Item(enc, row)
+                self._encoded[row] = enc
+        return enc
+
+    def batch(self, items) -> Batch:
+        """The collated Batch of these items (in this order)."""
+        items = np.asarray(items, dtype=np.int64)
+        rows = self.cache.read_items(self._layout, items) if self.cache is not None else None
+        samples = [self.samples[r] for r in self.input_rows[items]]
+        if self.samples.pairs:
+            return self._pairs(items, samples, rows)
+        encoded = [self._encode(int(r), s) for r, s in zip(self.input_rows[items], samples)]
+        batch = Batch(**_tensors(encoded, self.pad_id), samples=samples)
+        if rows is None:
+            return batch
+        for i, enc in enumerate(encoded):
+            check_alignment(enc, rows.row(i), self.processor, self.kinds)
+        mode = self.cache.manifest.mode
+        for kind in ("response", "visual"):
+            tb = getattr(rows, kind) if kind in self.kinds else None
+            if tb is not None and tb.ids.size:
+                check_target_ids(self.cache, int(tb.ids.max()))
+            setattr(batch, kind, _targets(tb, mode))
+        if "relation" in self.kinds:
+            batch.relation = [torch.from_numpy(m) for m in rows.relation]
+        return batch
+
+    def _pairs(self, items: np.ndarray, pairs: list, rows) -> Batch:
+        """2P sequences (the P chosen, then the P rejected) and the teacher's reference."""
+        chosen, rejected = [], []
+        for j, p in enumerate(pairs):
+            enc = [encode_sample(self.processor, s, load_image(self.image_root, s), self.max_length)
+                   for s in (p.sample("chosen"), p.sample("rejected"))]
+            row = rows.row(j)
+            pref = row.preference
+            for e, digest, n_ref, which in ((enc[0], row.token_digest, len(pref.chosen_token_logprobs), "chosen"),
+                                            (enc[1], pref.rejected_token_digest, len(pref.rejected_token_logprobs),
+                                             "rejected")):
+                n = int((e.labels != IGNORE_INDEX).sum())
+                if token_digest(e.input_ids, self.image_token_id) != digest or n != n_ref:
+                    raise AlignmentError(f"pair {p.id}: the student's {which} sequence differs from the one the "
+                                         "teacher scored (tokenizer, chat template or the pairs file changed); "
+                                         "use the teacher's processor or rebuild the preference cache")
+            chosen.append(enc[0])
+            rejected.append(enc[1])
+        return Batch(**_tensors(chosen + rejected, self.pad_id), samples=pairs,
+                     ref_chosen=torch.tensor([r.chosen_logprob for r in rows.preference], dtype=torch.float64),
+                     ref_rejected=torch.tensor([r.rejected_logprob for r in rows.preference], dtype=torch.float64))
 
 
 def check_cache_compatible(cache: TeacherCache, processor, kinds: tuple[str, ...] = ("response",)) -> None:
@@ -169,110 +262,14 @@ def check_student_vocab(cache: TeacherCache, model, max_target_id: int | None = 
             f"{width} rows; the student must share the teacher's tokenizer (its head may be padded larger, "
             "never smaller)"
         )
-    if max_target_id is not None and max_target_id >= vocab:
+    if max_target_id is not None:
+        check_target_ids(cache, max_target_id)
+
+
+def check_target_ids(cache: TeacherCache, max_target_id: int) -> None:
+    """Every cached target id must lie inside the cache's own shared vocabulary."""
+    if max_target_id >= cache.manifest.vocab_size:
         raise CacheError(
-            f"{cache.path}: holds target id {max_target_id}, outside its own vocabulary of {vocab} ids "
-            "(a padded head row?); rebuild the cache with this version of mmkd"
+            f"{cache.path}: holds target id {max_target_id}, outside its own vocabulary of "
+            f"{cache.manifest.vocab_size} ids (a padded head row?); rebuild the cache with this version of mmkd"
         )
-
-
-TARGET_PREFIX = {"response": "target", "visual": "visual"}
-
-
-def collate_items(items: list[Item], pad_id: int) -> dict[str, torch.Tensor]:
-    """Batch tensors: input_ids, attention_mask, labels [B, T], pixel_values, and, with a
-    cache, the teacher's targets:
-    - response targets of the N supervised tokens in row-major (sample, position) order
-      (the order of labels != -100): target_ids [N, w] and either target_logprobs [N, k]
-      + target_leftover [N] (top-k cache) or target_counts [N, draws] (sampled);
-    - visual targets (if cached) of the M image tokens in row-major order (the order of
-      input_ids == image token): visual_ids, visual_logprobs, visual_leftover / visual_counts;
-    - relation [B, n, n] (if cached): each sample's normalised teacher relation matrix."""
-    batch = {k: torch.from_numpy(v) for k, v in collate([it.encoded for it in items], pad_id).items()}
-    if not items or items[0].target is None:
-        return batch
-    for kind, prefix in TARGET_PREFIX.items():
-        targets = [getattr(it.target, kind) for it in items]
-        if targets[0] is None:
-            continue
-        for name in ("ids", "logprobs", "leftover", "counts"):
-            if getattr(targets[0], name) is not None:
-                batch[f"{prefix}_{name}"] = torch.from_numpy(np.concatenate([getattr(t, name) for t in targets]))
-        batch[f"{prefix}_ids"] = batch[f"{prefix}_ids"].long()  # gather indices
-    if items[0].target.relation is not None:
-        batch["relation"] = torch.from_numpy(np.stack([it.target.relation for it in items]))
-    return batch
-
-
-@dataclass
-class PairItem:
-    chosen: Encoded
-    rejected: Encoded
-    reference: CacheRow
-
-
-class PreferenceDataset(torch.utils.data.Dataset):
-    """Map-style: item i = pair i's chosen and rejected sequences encoded by the student's
-    processor, with the teacher's log-probs of both answers from a preference cache (the
-    reference model of DPO / KTO). Both sequences are checked against the digests the
-    teacher pass stored."""
-
-    def __init__(self, pairs: list[PreferencePair], processor, image_root: str, max_length: int,
-                 cache: TeacherCache):
-        if "preference" not in cache.manifest.record_kinds:
-            raise CacheError(f"{cache.path}: holds no preference records ({cache.manifest.record_kinds}); "
-                             "run the teacher pass with --records preference on the pairs file")
-        self.pairs, self.processor, self.image_root, self.max_length = pairs, processor, image_root, max_length
-        self.rows = cache.rows()
-        missing = [p.id for p in pairs if p.id not in self.rows]
-        if missing:
-            raise CacheError(f"{cache.path}: {len(missing)} of {len(pairs)} pairs have no cached reference "
-                             f"log-probs (first: {missing[:5]}); run the teacher pass on these pairs")
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, i: int) -> PairItem:
-        p = self.pairs[i]
-        enc = [encode_sample(self.processor, s, load_image(self.image_root, s), self.max_length)
-               for s in (p.sample("chosen"), p.sample("rejected"))]
-        row = self.rows[p.id]
-        img = image_token_id(self.processor)
-        for e, digest, n_ref, which in ((enc[0], row.token_digest, len(row.preference.chosen_token_logprobs), "chosen"),
-                                        (enc[1], row.preference.rejected_token_digest,
-                                         len(row.preference.rejected_token_logprobs), "rejected")):
-            n = int((e.labels != IGNORE_INDEX).sum())
-            if token_digest(e.input_ids, img) != digest or n != n_ref:
-                raise AlignmentError(f"pair {p.id}: the student's {which} sequence differs from the one the "
-                                     "teacher scored (tokenizer, chat template or the pairs file changed); "
-                                     "use the teacher's processor or rebuild the preference cache")
-        return PairItem(enc[0], enc[1], row)
-
-
-def collate_pairs(items: list[PairItem], pad_id: int) -> dict[str, torch.Tensor]:
-    """2P sequences (the P chosen, then the P rejected) as in collate(), plus
-    ref_chosen / ref_rejected [P]: the teacher's summed answer log-probs."""
-    batch = {k: torch.from_numpy(v) for k, v in
-             collate([it.chosen for it in items] + [it.rejected for it in items], pad_id).items()}
-    batch["ref_chosen"] = torch.tensor([it.reference.preference.chosen_logprob for it in items], dtype=torch.float64)
-    batch["ref_rejected"] = torch.tensor([it.reference.preference.rejected_logprob for it in items],
-                                         dtype=torch.float64)
-    return batch
-
-
-def rank_batches(num_items: int, batch_size: int, rank: int, world_size: int, seed: int,
-                 epoch: int) -> list[list[int]]:
-    """This rank's batches of item indices for one epoch.
-
-    A seeded shuffle (same on every rank), cut to a multiple of world_size * batch_size so
-    every rank yields the same number of full batches (docs/architecture.md, invariant 7);
-    the cut-off tail differs per epoch because the shuffle does.
-    """
-    order = list(range(num_items))
-    random.Random(f"{seed}-{epoch}").shuffle(order)
-    per_step = batch_size * world_size
-    steps = num_items // per_step
-    if steps == 0:
-        raise ValueError(f"{num_items} items are fewer than one global batch ({per_step}); lower batch_size")
-    mine = order[: steps * per_step][rank::world_size]
-    return [mine[i * batch_size:(i + 1) * batch_size] for i in range(steps)]

@@ -18,18 +18,19 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from functools import partial
 
+import numpy as np
 import torch
 
 from mmkd.common.config import InputsConfig, inline
-from mmkd.common.inputs import read_config_inputs
+from mmkd.common.inputs import SampleTable
 from mmkd.common.preprocess import image_token_id
 from mmkd.storage.reader import TeacherCache
-from mmkd.student.data import DistillDataset, check_student_vocab, collate_items
+from mmkd.student.data import StudentData, check_student_vocab
 from mmkd.student.losses import dense_divergence, sparse_forward_kl
 from mmkd.student.model import load_model
-from mmkd.student.outputs import StudentOutputs, vision_inputs
+from mmkd.student.outputs import StudentOutputs
+from mmkd.student.targets import TopK
 
 
 def _answer(sample) -> str:
@@ -67,11 +68,10 @@ def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, ba
 
     model = load_model(model_path, device=device).eval()
     processor = AutoProcessor.from_pretrained(model_path)
-    samples = read_config_inputs(inputs)
     teacher_cache = TeacherCache(cache) if cache else None
-    dataset = DistillDataset(samples, processor, inputs.image_root, max_length, teacher_cache)
+    dataset = StudentData(SampleTable(inputs), processor, inputs.image_root, max_length, teacher_cache)
     if teacher_cache is not None:
-        check_student_vocab(teacher_cache, model, dataset.max_target_id)
+        check_student_vocab(teacher_cache, model)
     online = None
     if teacher:
         from mmkd.student.online import OnlineTeacher
@@ -83,42 +83,41 @@ def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, ba
     absent, said_yes = 0, 0  # existence questions whose answer is "no" (POPE-style)
     correct, per_task, per_task_n = 0, Counter(), Counter()
     kl_sum, kl_tokens, full_kl_sum, tokens = 0.0, 0, 0.0, 0
-    batches = [list(range(i, min(i + batch_size, len(dataset)))) for i in range(0, len(dataset), batch_size)]
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches,
-                                         collate_fn=partial(collate_items, pad_id=processor.tokenizer.pad_token_id))
-    for idx, batch in zip(batches, loader):
-        batch = {k: v.to(device) for k, v in batch.items()}
-        vision = vision_inputs(batch)
-        out = rows(batch["input_ids"], batch["attention_mask"], batch["labels"], vision)
+    items = np.arange(len(dataset))
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=lambda b: b)
+    for batch in loader:
+        batch = batch.to(device)
+        out = rows(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None)
         logits, targets, sample_of_row = out["logits"], out["targets"], out["rows_sample"]
+        n = len(batch.samples)
         first = torch.ones_like(sample_of_row, dtype=torch.bool)
         first[1:] = sample_of_row[1:] != sample_of_row[:-1]  # each sample's first answer token
-        first_pred = torch.full((len(idx),), -1, dtype=torch.long, device=device)
+        first_pred = torch.full((n,), -1, dtype=torch.long, device=device)
         first_pred[sample_of_row[first]] = logits[first].argmax(-1)
-        wrong = torch.zeros(len(idx), dtype=torch.long, device=device)
+        wrong = torch.zeros(n, dtype=torch.long, device=device)
         wrong.index_add_(0, sample_of_row, (logits.argmax(-1) != targets).long())
-        for j, i in enumerate(idx):
+        for j, sample in enumerate(batch.samples):
             ok = int(wrong[j] == 0)
             correct += ok
-            task = samples[i].meta.get("task", "all")
+            task = sample.meta.get("task", "all")
             per_task[task] += ok
             per_task_n[task] += 1
-            if task == "exists" and _answer(samples[i]) == "no":
+            if task == "exists" and _answer(sample) == "no":
                 absent += 1
                 said_yes += int(first_pred[j] == yes_id)
-        if "target_logprobs" in batch:
-            kl = sparse_forward_kl(logits, batch["target_ids"], batch["target_logprobs"], batch["target_leftover"],
-                                   "bucket")
+        if isinstance(batch.response, TopK):
+            r = batch.response
+            kl = sparse_forward_kl(logits, r.ids, r.logprobs, r.leftover, "bucket")
             kl_sum += kl.item() * len(targets)
             kl_tokens += len(targets)
         if online is not None:
-            t_logits = online.targets(batch, vision)["target_teacher_logits"]
-            full_kl_sum += dense_divergence(logits, t_logits).item() * len(targets)
+            full_kl_sum += dense_divergence(logits, online.fill(batch).response.logits).item() * len(targets)
         tokens += len(targets)
     out = {
-        "accuracy": correct / len(samples),
+        "accuracy": correct / len(dataset),
         "per_task": {t: per_task[t] / per_task_n[t] for t in sorted(per_task_n)},
-        "samples": len(samples),
+        "samples": len(dataset),
         "tokens": tokens,
     }
     if absent:

@@ -7,7 +7,7 @@ brings the old way back so that both can be compared on the same data, student a
 (benchmarks/bench_offline_online.py): the teacher runs on the student's own batch (the
 same token ids and images) and its logits are taken at exactly the rows the student's
 terms use (student.outputs.StudentOutputs runs on both models), so the KD terms become
-student.losses.dense_divergence instead of a cached approximation. The price: one teacher
+student.losses.dense_divergence (student.targets.Dense) instead of a cached approximation. The price: one teacher
 forward per step and the teacher's weights in memory on every rank.
 
 The teacher is any image-text-to-text folder student.model.load_model opens (a Hugging Face
@@ -24,6 +24,7 @@ from mmkd.common.check import compare_processors
 from mmkd.common.preprocess import image_token_id, process_image
 from mmkd.student.model import load_model
 from mmkd.student.outputs import StudentOutputs
+from mmkd.student.targets import Batch, Dense
 
 
 def check_same_inputs(teacher_processor, student_processor, teacher_path: str) -> None:
@@ -64,16 +65,16 @@ class OnlineTeacher:
         self.rows = StudentOutputs(model, image_token_id(student_processor), self.vocab_size)
 
     @torch.no_grad()
-    def targets(self, batch: dict, vision: dict | None, visual: bool = False, relation: bool = False) -> dict:
-        """The teacher's entries for student.train.distill_terms, from one forward on the
-        student's batch (input_ids, attention_mask, labels [B, T]; vision as the student's):
-        target_teacher_logits [N, V] at the rows predicting the N supervised tokens;
-        visual_teacher_logits [M, V] at the M image tokens (visual); relation: one raw
-        teacher relation matrix [n, n] per sample (relation)."""
-        out = self.rows(batch["input_ids"], batch["attention_mask"], batch["labels"], vision, visual, relation)
-        entries = {"target_teacher_logits": out["logits"]}
+    def fill(self, batch: Batch, visual: bool = False, relation: bool = False) -> Batch:
+        """The teacher's targets for the student's batch, from one forward on it (the same
+        token ids and images), at exactly the student's rows: batch.response = Dense logits
+        [N, V] at the rows predicting the N supervised tokens; batch.visual = Dense [M, V] at
+        the M image tokens (visual); batch.relation = one raw teacher relation matrix [n, n]
+        per sample (relation). Returns the batch."""
+        out = self.rows(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None, visual, relation)
+        batch.response = Dense(out["logits"])
         if visual:
-            entries["visual_teacher_logits"] = out["visual_logits"]
+            batch.visual = Dense(out["visual_logits"])
         if relation:
-            entries["relation"] = out["relations"]
-        return entries
+            batch.relation = out["relations"]
+        return batch

@@ -52,22 +52,13 @@ ZERO_STAGES = (0, 1, 2, 3)
 TRAIN_DTYPES = tuple(d for d in DTYPES if d != "float16")
 
 
-def term_rows(relation_pooling: str) -> dict[str, str]:
-    """The loss terms that are means over rows, and the row kind (ROW_KINDS) of each."""
-    rows = {"ce": "tokens", "kd": "tokens", "visual_kd": "image_tokens"}
-    if relation_pooling == "sample":
-        rows["relation"] = "samples"
-    return rows
-
-
-def row_counts(batch: dict, image_token_id: int, preference: bool = False) -> torch.Tensor:
-    """float64 [len(ROW_KINDS)]: one micro-batch's supervised tokens (of the chosen answers
-    for preference batches, which the CE term covers), image tokens, and samples."""
-    labels = batch["labels"]
-    if preference:
-        labels = labels[: batch["ref_chosen"].shape[0]]  # the P chosen sequences come first
-    image = (batch["input_ids"] == image_token_id) & batch["attention_mask"].bool()
-    return torch.tensor([int((labels != IGNORE_INDEX).sum()), int(image.sum()), batch["input_ids"].shape[0]],
+def row_counts(batch, image_token_id: int) -> torch.Tensor:
+    """float64 [len(ROW_KINDS)]: one micro-batch's (student.targets.Batch) supervised tokens
+    (of the chosen answers for preference batches, which the CE term covers), image tokens,
+    and samples."""
+    labels = batch.labels[: batch.pairs] if batch.pairs else batch.labels  # the P chosen sequences come first
+    image = (batch.input_ids == image_token_id) & batch.attention_mask.bool()
+    return torch.tensor([int((labels != IGNORE_INDEX).sum()), int(image.sum()), batch.input_ids.shape[0]],
                         dtype=torch.float64)
 
 
@@ -85,8 +76,9 @@ class StepMeans:
     """One optimizer step's loss terms as means over the global batch (module docstring).
 
     counts: row_counts() of this rank's G micro-batches of the step (all-reduced here, a
-    collective: every rank constructs one per step). rows: term_rows(). weights: the loss
-    weight of each term; terms without a weight are logged only (metrics).
+    collective: every rank constructs one per step). rows: the row kind of each term that
+    is a mean over rows (student.terms.row_kind). weights: the loss weight of each term;
+    terms without a weight are logged only (metrics).
     """
 
     def __init__(self, counts: list[torch.Tensor], rows: dict[str, str], weights: dict[str, float],

@@ -31,43 +31,25 @@ import os
 import socket
 import time
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from mmkd.common.config import InputsConfig, inline, to_dict
 from mmkd.common.heads import DTYPES
-from mmkd.common.inputs import read_config_inputs
+from mmkd.common.inputs import SampleTable
 from mmkd.common.preprocess import image_token_id
 from mmkd.storage.fs import write_atomic
+from mmkd.storage.plan import EpochPlan
 from mmkd.storage.reader import TeacherCache
-from mmkd.student import checkpoint
-from mmkd.student.data import (
-    DistillDataset,
-    PreferenceDataset,
-    check_student_vocab,
-    collate_items,
-    collate_pairs,
-    rank_batches,
-)
-from mmkd.student.losses import (
-    DIVERGENCES,
-    LEFTOVER_MODES,
-    PREFERENCE_LOSSES,
-    RELATION_POOLING,
-    cross_entropy,
-    dense_divergence,
-    preference_loss,
-    relation_loss,
-    sampled_kd,
-    sequence_logprobs,
-    sparse_divergence,
-)
+from mmkd.student import checkpoint, terms
+from mmkd.student.data import StudentData, check_student_vocab
+from mmkd.student.losses import DIVERGENCES, LEFTOVER_MODES, PREFERENCE_LOSSES, RELATION_POOLING
 from mmkd.student.model import TRAINABLE, LlavaArch, build_llava, load_model, set_trainable
-from mmkd.student.moe import MoEConfig, moe_aux_loss, moe_param_groups, save_moe, upcycle
+from mmkd.student.moe import MoEConfig, moe_param_groups, save_moe, upcycle
 from mmkd.student.optim import LR_SCHEDULES, OPTIMIZERS, build_optimizer, build_scheduler
-from mmkd.student.outputs import StudentOutputs, vision_inputs
+from mmkd.student.outputs import StudentOutputs
 from mmkd.student.parallel import (
     TRAIN_DTYPES,
     ZERO_STAGES,
@@ -78,7 +60,6 @@ from mmkd.student.parallel import (
     micro_batch_groups,
     per_rank,
     row_counts,
-    term_rows,
 )
 from mmkd.student.run_log import RunLog, StepClock
 
@@ -125,6 +106,11 @@ class TrainConfig:
     num_workers: int = 1  # data loader processes encoding samples while the step runs
     keep_encoded: bool = False  # keep encoded samples in memory (small data, many epochs; needs num_workers=0)
     seed: int = 0
+    # the epoch plan (storage/plan.py): rows are read in `data_streams` streams of shuffled shards (0 = one per
+    # rank; set it to a multiple of the largest rank count to train the same on any number of ranks that divides
+    # it), permuted within windows of `shuffle_window` rows (a larger window shuffles wider and holds more rows)
+    data_streams: int = 0
+    shuffle_window: int = 1024
     log_every: int = 50  # a log line every N optimizer steps when no progress bar is shown (stdout not a terminal)
     tensorboard: bool = True  # also write the train_log.jsonl scalars for TensorBoard to output_dir/tensorboard
     save_every: int = 200  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
@@ -171,63 +157,6 @@ def setup_distributed() -> tuple[int, int, str]:
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), device
 
 
-def _token_kd(logits: torch.Tensor, batch: dict, prefix: str, cfg: "TrainConfig") -> torch.Tensor:
-    """The divergence of one token record kind (prefix "target" = response, "visual") from the
-    teacher's logits (online baseline), its sampled ids, or its cached top-k."""
-    if f"{prefix}_teacher_logits" in batch:  # online: the full vocabulary
-        return dense_divergence(logits, batch[f"{prefix}_teacher_logits"], cfg.divergence)
-    if f"{prefix}_counts" in batch:  # a sampled-mode cache: the unbiased estimator (forward KL)
-        return sampled_kd(logits, batch[f"{prefix}_ids"], batch[f"{prefix}_counts"])
-    return sparse_divergence(logits, batch[f"{prefix}_ids"], batch[f"{prefix}_logprobs"],
-                             batch[f"{prefix}_leftover"], cfg.divergence, cfg.kd_leftover)
-
-
-def distill_terms(out: dict, batch: dict, cfg: "TrainConfig") -> dict[str, torch.Tensor]:
-    """CE and the KD terms the config turns on, each the mean over its rows in this batch."""
-    terms = {"ce": cross_entropy(out["logits"], out["targets"])}
-    if cfg.kd_weight > 0 and ("target_ids" in batch or "target_teacher_logits" in batch):
-        terms["kd"] = _token_kd(out["logits"], batch, "target", cfg)
-    if cfg.visual_weight > 0:
-        terms["visual_kd"] = _token_kd(out["visual_logits"], batch, "visual", cfg)
-    if cfg.relation_weight > 0:
-        terms["relation"] = relation_loss(out["relations"], list(batch["relation"]), cfg.relation_pooling)
-    return terms
-
-
-def preference_terms(out: dict, batch: dict, cfg: "TrainConfig") -> dict[str, torch.Tensor]:
-    """DPO / KTO-pair on the summed answer log-probs (2P sequences: chosen, then rejected)
-    with the teacher's cached log-probs as the reference, the mean log-prob margin (a
-    metric), and CE on the chosen answers if ce_weight > 0."""
-    p = batch["ref_chosen"].shape[0]
-    seq = sequence_logprobs(out["logits"], out["targets"], out["rows_sample"], 2 * p)
-    terms = {cfg.preference_loss: preference_loss(seq[:p], seq[p:], batch["ref_chosen"], batch["ref_rejected"],
-                                                  cfg.preference_loss, cfg.beta),
-             "margin": (seq[:p] - seq[p:]).mean().detach()}
-    if cfg.ce_weight > 0:
-        chosen = out["rows_sample"] < p
-        terms["ce"] = cross_entropy(out["logits"][chosen], out["targets"][chosen])
-    return terms
-
-
-def term_weights(cfg: "TrainConfig") -> dict[str, float]:
-    """The weight of each loss term in the training loss (terms not listed are metrics)."""
-    objective = {cfg.preference_loss: 1.0} if cfg.objective == "preference" else {
-        "kd": cfg.kd_weight, "visual_kd": cfg.visual_weight, "relation": cfg.relation_weight}
-    return {"ce": cfg.ce_weight, **objective, "moe_aux": cfg.moe.aux_weight}
-
-
-def used_record_kinds(cfg: "TrainConfig") -> tuple[str, ...]:
-    """The cache record kinds this stage's loss terms read."""
-    if cfg.objective == "preference":
-        return ("preference",)
-    kinds = ["response"]
-    if cfg.visual_weight > 0:
-        kinds.append("visual")
-    if cfg.relation_weight > 0:
-        kinds.append("relation")
-    return tuple(kinds)
-
-
 def check_config(cfg: "TrainConfig") -> None:
     """Refuse option values and combinations the recipe cannot honour, before any work."""
     for name, allowed in (("objective", ("distill", "preference")), ("trainable", TRAINABLE),
@@ -242,16 +171,20 @@ def check_config(cfg: "TrainConfig") -> None:
                          "offline cache; online_teacher: the resident-teacher baseline, for comparison)")
     if cfg.online_teacher and cfg.objective != "distill":
         raise ValueError("online_teacher supports objective=distill only; preference training reads a cache")
-    if (cfg.visual_weight > 0 or cfg.relation_weight > 0 or cfg.objective == "preference") and not (
-            cfg.cache or cfg.online_teacher):
-        raise ValueError("visual_weight, relation_weight and objective=preference read teacher targets: "
-                         "set cache to a teacher cache folder")
+    needs = [t for t in terms.stage_terms(cfg, teacher=True, moe=False) if t.record not in (None, "response")]
+    if needs and not (cfg.cache or cfg.online_teacher):
+        raise ValueError(f"the terms {', '.join(dict.fromkeys(t.name for t in needs))} read teacher targets "
+                         f"({', '.join(dict.fromkeys(t.record for t in needs))} records): set cache to a teacher "
+                         "cache folder")
     if cfg.objective == "preference" and cfg.keep_encoded:
         raise ValueError("keep_encoded applies to objective=distill only")
     if cfg.keep_encoded and cfg.num_workers:
         raise ValueError("keep_encoded needs num_workers=0: worker processes cannot hand encodings back")
     if cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise ValueError(f"batch_size {cfg.batch_size} and grad_accum {cfg.grad_accum} must be at least 1")
+    if cfg.data_streams < 0 or cfg.shuffle_window < 1:
+        raise ValueError(f"data_streams {cfg.data_streams} must be >= 0 (0 = one per rank) and shuffle_window "
+                         f"{cfg.shuffle_window} >= 1")
     if cfg.upcycle and not cfg.init_from:
         raise ValueError("upcycle starts from a trained dense model: set init_from")
     if cfg.save_every < 0 or cfg.keep_checkpoints < 1:
@@ -259,21 +192,92 @@ def check_config(cfg: "TrainConfig") -> None:
                          f"{cfg.keep_checkpoints} >= 1")
 
 
-def describe_terms(cfg: "TrainConfig") -> str:
-    if cfg.objective == "preference":
-        return f"{cfg.preference_loss} (beta {cfg.beta}) against the teacher from {cfg.cache}"
-    if not (cfg.cache or cfg.online_teacher):
-        return "CE only"
-    w = {"ce": cfg.ce_weight, "kd": cfg.kd_weight, "visual": cfg.visual_weight, "relation": cfg.relation_weight}
-    source = cfg.cache or f"the resident teacher {cfg.online_teacher} (online, full vocabulary)"
-    return " + ".join(f"{v:g}*{k}" for k, v in w.items() if v > 0) + f" ({cfg.divergence}) from {source}"
+@dataclass
+class Data:
+    """setup_data's result: the stage's items and how this rank reads them."""
+
+    dataset: StudentData
+    cache: TeacherCache | None
+    plan: EpochPlan
+    steps_per_epoch: int  # optimizer steps
+
+
+def setup_data(cfg: TrainConfig, processor, rank: int, world: int) -> Data:
+    """The samples (memory-mapped), the cache, the items they make and the epoch plan."""
+    samples = SampleTable(cfg.inputs, pairs=cfg.objective == "preference")
+    subset = None
+    if cfg.subset:  # the first N of a seeded shuffle of the input's samples
+        import random
+
+        order = list(range(len(samples)))
+        random.Random(cfg.seed).shuffle(order)
+        subset = np.array(order[: cfg.subset], dtype=np.int64)
+    cache = TeacherCache(cfg.cache) if cfg.cache else None
+    dataset = StudentData(samples, processor, cfg.inputs.image_root, cfg.max_length, cache, terms.record_kinds(cfg),
+                          subset, cfg.keep_encoded)
+    streams = cfg.data_streams or world
+    plan = EpochPlan(dataset.shard_rows, streams, cfg.seed, cfg.shuffle_window)
+    plan.rank_streams(rank, world)  # refuses streams that do not split over the ranks
+    micro = plan.num_micro_batches(world, cfg.batch_size)
+    if micro < cfg.grad_accum:
+        raise ValueError(f"{len(dataset)} items give {micro} micro-batches of {cfg.batch_size} per rank, fewer than "
+                         f"one optimizer step ({cfg.grad_accum}); lower batch_size or grad_accum")
+    return Data(dataset, cache, plan, micro // cfg.grad_accum)
+
+
+def setup_model(cfg: TrainConfig, processor, data: Data, device: str):
+    """The student (loaded or built, upcycled to MoE, frozen per stage), its wrapper that
+    runs the head at the target rows, and the online teacher when that is the source."""
+    model = load_model(cfg.init_from) if cfg.init_from else build_llava(cfg.arch, processor, seed=cfg.seed)
+    if cfg.upcycle:
+        model = upcycle(model, cfg.moe)
+    is_moe = getattr(model.config, "mmkd_moe", None) is not None
+    check_zero_stage(cfg.zero_stage, is_moe)
+    if data.cache is not None:
+        check_student_vocab(data.cache, model)
+    teacher = None
+    if cfg.online_teacher:  # the comparison baseline (student/online.py)
+        from mmkd.student.online import OnlineTeacher
+
+        teacher = OnlineTeacher(cfg.online_teacher, processor, model, DTYPES[cfg.dtype], device)
+    vocab = data.cache.manifest.vocab_size if data.cache else teacher.vocab_size if teacher else None
+    wrapped = StudentOutputs(model, image_token_id(processor), vocab).train()
+    return model, wrapped, teacher, is_moe
+
+
+def setup_engine(cfg: TrainConfig, model, wrapped, is_moe: bool, total_steps: int):
+    """The DeepSpeed engine (ZeRO stage, bf16, accumulation) with a torch optimizer and LR
+    schedule (student.optim)."""
+    import deepspeed
+
+    groups = (moe_param_groups(model, cfg.lr, cfg.weight_decay) if is_moe
+              else [{"params": [p for p in model.parameters() if p.requires_grad]}])
+    optimizer = build_optimizer(groups, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps)
+    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg))
+    return engine, scheduler
+
+
+def loader(cfg: TrainConfig, data: Data, rank: int, world: int, epoch: int, consumed: int):
+    """This rank's micro-batches of one epoch, from micro-batch `consumed` on, decoded by
+    cfg.num_workers worker processes ahead of the step."""
+    batches = data.plan.micro_batches(rank, world, cfg.batch_size, epoch)[consumed:]
+    # The loader draws its workers' base seed from its own generator, not the global RNG,
+    # so the global stream (MoE gate sampling, dropout) is the same after a resume.
+    return torch.utils.data.DataLoader(data.dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                                       prefetch_factor=4 if cfg.num_workers else None, collate_fn=_as_is,
+                                       generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def _as_is(batch):
+    return batch  # StudentData.__getitems__ collates in the worker
 
 
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run the recipe; returns a summary (steps, final loss terms, wall time)."""
     check_config(cfg)
     rank, world, device = setup_distributed()
-    import deepspeed
     from transformers import AutoProcessor
 
     torch.manual_seed(cfg.seed)
@@ -283,56 +287,22 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if finished is not None:
         return finished
 
-    # Data: the samples re-encoded by the student's processor, joined with cached targets.
     processor = AutoProcessor.from_pretrained(cfg.processor)
-    preference = cfg.objective == "preference"
-    samples = read_config_inputs(cfg.inputs, pairs=preference)
-    if cfg.subset:
-        import random
-
-        random.Random(cfg.seed).shuffle(samples)
-        samples = samples[: cfg.subset]
-    cache = TeacherCache(cfg.cache) if cfg.cache else None
-    kinds = used_record_kinds(cfg)
-    if preference:
-        dataset = PreferenceDataset(samples, processor, cfg.inputs.image_root, cfg.max_length, cache)
-        collate_fn = partial(collate_pairs, pad_id=processor.tokenizer.pad_token_id)
-    else:
-        dataset = DistillDataset(samples, processor, cfg.inputs.image_root, cfg.max_length, cache, cfg.keep_encoded,
-                                 kinds)
-        collate_fn = partial(collate_items, pad_id=processor.tokenizer.pad_token_id)
-    steps_per_epoch = len(rank_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, 0)) // cfg.grad_accum
-    total_steps = steps_per_epoch * cfg.epochs
+    data = setup_data(cfg, processor, rank, world)
+    total_steps = data.steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
-
-    # Model: load or build, upcycle to MoE, freeze what this stage does not train.
-    model = load_model(cfg.init_from) if cfg.init_from else build_llava(cfg.arch, processor, seed=cfg.seed)
-    if cfg.upcycle:
-        model = upcycle(model, cfg.moe)
-    is_moe = getattr(model.config, "mmkd_moe", None) is not None
-    check_zero_stage(cfg.zero_stage, is_moe)
-    if cache is not None:
-        check_student_vocab(cache, model, getattr(dataset, "max_target_id", None))
+    model, wrapped, teacher, is_moe = setup_model(cfg, processor, data, device)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = set_trainable(model, cfg.trainable)
-    teacher = None
-    if cfg.online_teacher:  # the comparison baseline (student/online.py)
-        from mmkd.student.online import OnlineTeacher
-
-        teacher = OnlineTeacher(cfg.online_teacher, processor, model, DTYPES[cfg.dtype], device)
-    vocab = cache.manifest.vocab_size if cache else teacher.vocab_size if teacher else None
-    wrapped = StudentOutputs(model, image_token_id(processor), vocab).train()
-    groups = (moe_param_groups(model, cfg.lr, cfg.weight_decay) if is_moe
-              else [{"params": [p for p in model.parameters() if p.requires_grad]}])
-    optimizer = build_optimizer(groups, cfg)
-    scheduler = build_scheduler(optimizer, cfg, total_steps)
-    engine, _, _, _ = deepspeed.initialize(model=wrapped, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg))
+    engine, scheduler = setup_engine(cfg, model, wrapped, is_moe, total_steps)
+    stage = terms.stage_terms(cfg, teacher=bool(cfg.cache or cfg.online_teacher), moe=is_moe)
+    source = cfg.cache or (f"the resident teacher {cfg.online_teacher} (online, full vocabulary)"
+                           if cfg.online_teacher else None)
     if rank == 0:
         log(f"[train] {n_params / 1e6:.2f}M params ({n_trainable / 1e6:.2f}M trainable: {cfg.trainable}"
-            f"{', MoE' if is_moe else ''}), {len(dataset)} {'pairs' if preference else 'samples'}, world {world}, "
-            f"{total_steps} steps, {describe_terms(cfg)}")
+            f"{', MoE' if is_moe else ''}), {len(data.dataset)} {'pairs' if cfg.objective == 'preference' else 'samples'}"
+            f", world {world}, {total_steps} steps, {terms.describe(stage, cfg, source)}")
 
     # Loop, from the checkpoint's position when resuming: an optimizer step takes grad_accum
     # micro-batches per rank; every loss term is a mean over the step's global batch
@@ -341,32 +311,25 @@ def train(cfg: TrainConfig, log=print) -> dict:
     run_log = RunLog(out_dir, total_steps, cfg.log_every, cfg.tensorboard, log, resume_step=pos.step) \
         if rank == 0 else None
     clock = StepClock()
-    terms_of = preference_terms if preference else distill_terms
-    rows, weights, img = term_rows(cfg.relation_pooling), term_weights(cfg), image_token_id(processor)
+    rows = {t.name: terms.row_kind(t, cfg) for t in stage if terms.row_kind(t, cfg)}
+    weights = {t.name: terms.weight_of(t, cfg) for t in stage if terms.weight_of(t, cfg) is not None}
+    img = image_token_id(processor)
+    visual, relation = any(t.record == "visual" for t in stage), any(t.record == "relation" for t in stage)
     step, micro_batches, t0, last = pos.step, 0, time.time() - pos.wall_s, {}
     for epoch in range(pos.epoch, cfg.epochs):
-        batches = rank_batches(len(dataset), cfg.batch_size, rank, world, cfg.seed, epoch)
         consumed = pos.batch if epoch == pos.epoch else 0  # micro-batches of this epoch done before the checkpoint
-        # The loader draws its workers' base seed from its own generator, not the global RNG,
-        # so the global stream (MoE gate sampling, dropout) is the same after a resume.
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches[consumed:], num_workers=cfg.num_workers,
-                                             prefetch_factor=4 if cfg.num_workers else None, collate_fn=collate_fn,
-                                             generator=torch.Generator().manual_seed(cfg.seed))
-        for group in micro_batch_groups(clock.batches(loader), cfg.grad_accum):
-            means = StepMeans([row_counts(b, img, preference) for b in group], rows, weights, device)
+        for group in micro_batch_groups(clock.batches(loader(cfg, data, rank, world, epoch, consumed)),
+                                        cfg.grad_accum):
+            means = StepMeans([row_counts(b, img) for b in group], rows, weights, device)
             lr = scheduler.get_last_lr()[0]  # this step's: DeepSpeed advances the schedule after the step
             tokens = 0
             for i, batch in enumerate(group):
-                batch = {k: v.to(device) for k, v in batch.items()}
-                vision = vision_inputs(batch, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
+                batch = batch.to(device, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
                 if teacher is not None:
-                    batch.update(teacher.targets(batch, vision, cfg.visual_weight > 0, cfg.relation_weight > 0))
-                out = engine(batch["input_ids"], batch["attention_mask"], batch["labels"], vision,
-                             visual=cfg.visual_weight > 0, relation=cfg.relation_weight > 0)
-                terms = terms_of(out, batch, cfg)
-                if is_moe and cfg.moe.aux_weight > 0:
-                    terms["moe_aux"] = moe_aux_loss(model)
-                engine.backward(means.loss(i, terms))
+                    teacher.fill(batch, visual, relation)
+                out = engine(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None,
+                             visual=visual, relation=relation)
+                engine.backward(means.loss(i, {t.name: t.loss(out, batch, cfg, model) for t in stage}))
                 engine.step()
                 tokens += int(out["targets"].numel())
             micro_batches += len(group)

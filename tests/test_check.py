@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoProcessor
 
-from mmkd.common.inputs import load_image
+from mmkd.common.inputs import SampleList, load_image
 from mmkd.common.preprocess import collate, encode_sample, image_token_count, image_token_id
 from mmkd.common.samples import read_llava
 from mmkd.pipelines.cli import main
@@ -16,7 +16,7 @@ from mmkd.storage.manifest import Manifest
 from mmkd.storage.reader import TeacherCache
 from mmkd.storage.schema import CacheError
 from mmkd.storage.writer import CacheWriter
-from mmkd.student.data import DistillDataset
+from mmkd.student.data import StudentData
 from mmkd.teacher_cache.extract import ExtractionSpec, extract_rows, to_device
 from mmkd.teacher_cache.teacher import load_teacher, processor_description
 
@@ -85,8 +85,8 @@ def test_a_permuted_vocabulary_is_refused_by_check_and_by_the_trainer(teacher_di
     # The trainer refuses at open, before any step: per-sample token checks would miss the
     # swapped ids in every sample whose text holds neither word, yet its targets name them.
     with pytest.raises(CacheError, match="vocabulary .*token -> id.* is not the one of the teacher"):
-        DistillDataset(read_llava(demo_dir / "train.json")[:6], AutoProcessor.from_pretrained(student), str(demo_dir),
-                       256, TeacherCache(cache_dir))
+        StudentData(SampleList(read_llava(demo_dir / "train.json")[:6]), AutoProcessor.from_pretrained(student),
+                    str(demo_dir), 256, TeacherCache(cache_dir))
 
 
 def test_another_chat_template_is_a_mismatch_naming_both_renderings(teacher_dir, tmp_path, capsys):

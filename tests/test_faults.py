@@ -192,11 +192,12 @@ def test_bad_samples_are_quarantined_and_retried_when_fixed(reference, processor
         assert why in errors[key]["reason"], errors[key]
     assert any(f"{len(bad)} sample(s) quarantined (4 read, 3 encode)" in x and ERRORS_NAME in x for x in logs), logs
     # a student on the data with the quarantined samples refuses, pointing at the errors file
-    from mmkd.student.data import DistillDataset
+    from mmkd.common.inputs import SampleList
+    from mmkd.student.data import StudentData
 
     with pytest.raises(CacheError, match=f"3 of {len(good_ids) + 3} samples have no cached targets.*set aside.*"
                                          f"{ERRORS_NAME}"):
-        DistillDataset([s for s in read_llava(path, errors=[])], processor, str(tmp_path), 512, cache)
+        StudentData(SampleList(read_llava(path, errors=[])), processor, str(tmp_path), 512, cache)
 
     # Fix the two images, re-run: only the quarantined samples run again; the fixed ones get
     # the values of the reference samples they copy, the errors file lists what still fails.

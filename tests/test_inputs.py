@@ -256,20 +256,23 @@ def test_configs_carry_the_input_options():
 
 
 def test_student_dataset_from_parquet_equals_the_json_one(demo_dir, processor, tmp_path):
-    from mmkd.student.data import DistillDataset
+    from mmkd.common.config import InputsConfig
+    from mmkd.common.inputs import SampleTable
+    from mmkd.student.data import StudentData
 
     llava_parquet(demo_dir / "val.json", tmp_path / "val.parquet", demo_dir, image="bytes")
-    from_json = DistillDataset(read_inputs(str(demo_dir / "val.json"), image_root=str(demo_dir)), processor,
-                               str(demo_dir), 256)
-    from_parquet = DistillDataset(read_inputs(str(tmp_path / "val.parquet")), processor, "", 256)
+    from_json = StudentData(SampleTable(InputsConfig(str(demo_dir / "val.json"), str(demo_dir))), processor,
+                            str(demo_dir), 256)
+    from_parquet = StudentData(SampleTable(InputsConfig(str(tmp_path / "val.parquet"))), processor, "", 256)
     assert len(from_parquet) == len(from_json)
     # decoded in a loader worker process, which opens the data set itself
-    loader = torch.utils.data.DataLoader(from_parquet, batch_size=1, num_workers=1, collate_fn=lambda items: items[0])
-    for i, item in enumerate(loader):
-        a, b = from_json[i].encoded, item.encoded
-        assert a.sample_id == b.sample_id
-        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.labels, b.labels)
-        assert np.array_equal(a.vision["pixel_values"], b.vision["pixel_values"])
+    loader = torch.utils.data.DataLoader(from_parquet, batch_sampler=[[i] for i in range(len(from_parquet))],
+                                         num_workers=1, collate_fn=lambda batch: batch)
+    for i, b in enumerate(loader):
+        a = from_json[i]
+        assert a.samples[0].id == b.samples[0].id
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.labels, b.labels)
+        assert torch.equal(a.vision["pixel_values"], b.vision["pixel_values"])
 
 
 def _malformed_records(demo_dir):

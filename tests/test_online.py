@@ -18,6 +18,7 @@ from mmkd.student.evaluate import evaluate
 from mmkd.student.model import build_llava
 from mmkd.student.online import OnlineTeacher
 from mmkd.student.outputs import vision_inputs
+from mmkd.student.targets import Batch
 from mmkd.student.train import TrainConfig, check_config, train
 
 from tests.conftest import TINY
@@ -53,7 +54,8 @@ def test_online_targets_are_the_teachers_logits_at_the_students_rows(teacher_dir
     enc = [encode_sample(processor, s, load_image(demo_dir, s), 256) for s in samples]
     batch = {k: torch.from_numpy(v) for k, v in collate(enc, processor.tokenizer.pad_token_id).items()}
     teacher = OnlineTeacher(str(teacher_dir), processor, build_llava(TINY, processor))
-    got = teacher.targets(batch, vision_inputs(batch), visual=True, relation=True)
+    got = teacher.fill(Batch(batch["input_ids"], batch["attention_mask"], batch["labels"], vision_inputs(batch)),
+                       visual=True, relation=True)
     model = AutoModelForImageTextToText.from_pretrained(teacher_dir).eval()
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
@@ -61,10 +63,10 @@ def test_online_targets_are_the_teachers_logits_at_the_students_rows(teacher_dir
     img = image_token_id(processor)
     rows = [(i, t) for i in range(len(enc)) for t in np.nonzero(enc[i].labels != -100)[0]]
     vis = [(i, t) for i in range(len(enc)) for t in np.nonzero(enc[i].input_ids == img)[0]]
-    assert torch.allclose(got["target_teacher_logits"], torch.stack([logits[i, t - 1] for i, t in rows]), atol=1e-5)
-    assert torch.allclose(got["visual_teacher_logits"], torch.stack([logits[i, t] for i, t in vis]), atol=1e-5)
+    assert torch.allclose(got.response.logits, torch.stack([logits[i, t - 1] for i, t in rows]), atol=1e-5)
+    assert torch.allclose(got.visual.logits, torch.stack([logits[i, t] for i, t in vis]), atol=1e-5)
     z = logits[0, [t for i, t in vis if i == 0]].double()
-    assert torch.allclose(got["relation"][0].double(), z @ z.T, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(got.relation[0].double(), z @ z.T, rtol=1e-4, atol=1e-4)
 
 
 # --- offline == online, end to end --------------------------------------------------------
@@ -87,8 +89,11 @@ def sharp_teacher(teacher_dir, processor, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(sharp_teacher, demo_dir, processor_dir, processor, tmp_path_factory):
-    """Three students, same init, data order and settings (KD only, ce_weight 0): online,
-    offline from a k = V cache and offline from a k = 2 cache (both made by the Ray pass)."""
+    """Three students, same init, batches and settings (KD only, ce_weight 0): online,
+    offline from a k = V cache and offline from a k = 2 cache (both made by the Ray pass).
+    Each step takes the whole train split (40 samples): the epoch order follows the cache's
+    layout (storage/plan.py), which a run without a cache does not have, so only full
+    batches make the three runs see the same samples at every step."""
     import ray
 
     out = tmp_path_factory.mktemp("offline_online")
@@ -104,7 +109,7 @@ def runs(sharp_teacher, demo_dir, processor_dir, processor, tmp_path_factory):
     finally:
         ray.shutdown()
     common = dict(inputs=InputsConfig(str(demo_dir / "train.json"), str(demo_dir)), processor=str(processor_dir),
-                  arch=TINY, epochs=4, batch_size=8, lr=1e-2, ce_weight=0.0, kd_weight=1.0, log_every=1000,
+                  arch=TINY, epochs=20, batch_size=40, lr=1e-2, ce_weight=0.0, kd_weight=1.0, log_every=1000,
                   num_workers=0, seed=0)
     sources = {"online": {"online_teacher": str(sharp_teacher)}, "full": {"cache": str(caches[vocab])},
                "k2": {"cache": str(caches[2])}}

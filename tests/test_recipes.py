@@ -14,11 +14,13 @@ import pytest
 import torch
 
 from mmkd.common.config import InputsConfig
+from mmkd.common.inputs import SampleList
+from mmkd.common.samples import read_llava
 from mmkd.pipelines.recipe import load_recipe
 from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
 from mmkd.storage.reader import TeacherCache
 from mmkd.storage.schema import CacheError
-from mmkd.student.data import DistillDataset
+from mmkd.student.data import StudentData
 from mmkd.student.model import load_model
 from mmkd.student.train import TrainConfig, train
 
@@ -97,11 +99,11 @@ def test_visual_terms_refuse_another_visual_token_count(root, processor):
     other.patch_size = processor.patch_size // 2  # 4x the visual tokens per image
     from mmkd.common.preprocess import _image_token_count
     _image_token_count.cache_clear()
-    samples = __import__("mmkd.common.samples", fromlist=["read_llava"]).read_llava(root / "data" / "train.json")
+    samples = SampleList(read_llava(root / "data" / "train.json"))
     cache = TeacherCache(str(root / "cache" / "train"))
     with pytest.raises(CacheError, match="visual tokens.*visual_weight=0"):
-        DistillDataset(samples, other, str(root / "data"), 512, cache, kinds=("response", "visual"))
-    DistillDataset(samples, other, str(root / "data"), 512, cache, kinds=("response",))  # response targets still work
+        StudentData(samples, other, str(root / "data"), 512, cache, kinds=("response", "visual"))
+    StudentData(samples, other, str(root / "data"), 512, cache, kinds=("response",))  # response targets still work
     _image_token_count.cache_clear()
 
 

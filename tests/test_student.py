@@ -9,38 +9,43 @@ import torch
 from transformers import AutoProcessor
 
 from mmkd.common.config import InputsConfig
-from mmkd.common.inputs import load_image
+from mmkd.common.inputs import SampleList, load_image
 from mmkd.common.preprocess import collate, encode_sample
 from mmkd.common.samples import read_llava
 from mmkd.storage.manifest import Manifest
+from mmkd.storage.plan import EpochPlan
 from mmkd.storage.reader import TeacherCache
-from mmkd.student.data import AlignmentError, DistillDataset, collate_items, rank_batches
+from mmkd.student.data import AlignmentError, StudentData
 from mmkd.student.evaluate import evaluate
+from mmkd.student.targets import TopK
 from mmkd.student.train import TrainConfig, train
 from mmkd.teacher_cache.teacher import load_teacher
 
 from tests.conftest import TINY
 
 
+def _data(samples, processor, root, cache=None, **kw):
+    return StudentData(SampleList(samples), processor, str(root), 256, cache, **kw)
+
+
 def test_items_carry_aligned_targets(small_cache, demo_dir, processor):
-    ds = DistillDataset(read_llava(demo_dir / "train.json"), processor, str(demo_dir), 256, TeacherCache(small_cache))
-    items = [ds[i] for i in range(3)]
-    b = collate_items(items, pad_id=processor.tokenizer.pad_token_id)
-    n = int((b["labels"] != -100).sum())
-    assert b["target_ids"].shape == (n, 4) and b["target_leftover"].shape == (n,)
+    ds = _data(read_llava(demo_dir / "train.json"), processor, demo_dir, TeacherCache(small_cache))
+    b = ds.batch([4, 0, 9])  # any items, in any order
+    n = int((b.labels != -100).sum())
+    assert isinstance(b.response, TopK) and b.response.ids.shape == (n, 4) and b.response.leftover.shape == (n,)
     # Row r of the targets belongs to the r-th (sample, position) with a label, and that
     # position is the one the teacher recorded for it.
     rows = TeacherCache(small_cache).rows()
-    bi, ti = torch.nonzero(b["labels"] != -100, as_tuple=True)
-    expected_pos = np.concatenate([rows[ds.samples[j].id].response.positions for j in range(3)])
-    expected_ids = np.concatenate([rows[ds.samples[j].id].response.ids for j in range(3)])
+    ids = [s.id for s in b.samples]
+    bi, ti = torch.nonzero(b.labels != -100, as_tuple=True)
+    expected_pos = np.concatenate([rows[i].response.positions for i in ids])
+    expected_ids = np.concatenate([rows[i].response.ids for i in ids])
     assert (ti.numpy() == expected_pos).all()
-    assert [ds.samples[j].id for j in bi.tolist()] == [ds.samples[j].id for j in range(3)
-                                                       for _ in rows[ds.samples[j].id].response.positions]
-    assert (b["target_ids"].numpy() == expected_ids).all()
+    assert [ids[j] for j in bi.tolist()] == [i for i in ids for _ in rows[i].response.positions]
+    assert (b.response.ids.numpy() == expected_ids).all()
     # the cached top-1 at each supervised row is a valid token id and probabilities are sane
-    total = b["target_logprobs"].exp().sum(-1) + b["target_leftover"]
-    assert (b["target_logprobs"] <= 0).all() and (total - 1).abs().max() < 2e-2
+    total = b.response.logprobs.exp().sum(-1) + b.response.leftover
+    assert (b.response.logprobs <= 0).all() and (total - 1).abs().max() < 2e-2
 
 
 def test_student_refuses_a_cache_of_another_sequence(small_cache, demo_dir, processor, tmp_path):
@@ -50,7 +55,7 @@ def test_student_refuses_a_cache_of_another_sequence(small_cache, demo_dir, proc
     rows[2]["conversations"][1]["value"] = "yes"
     changed = tmp_path / "train.json"
     changed.write_text(json.dumps(rows))
-    ds = DistillDataset(read_llava(changed), processor, str(demo_dir), 256, TeacherCache(small_cache))
+    ds = _data(read_llava(changed), processor, demo_dir, TeacherCache(small_cache))
     ds[1]  # untouched samples are fine
     with pytest.raises(AlignmentError, match=rf"sample {rows[2]['id']}: the student's token sequence differs"):
         ds[2]
@@ -63,25 +68,41 @@ def test_student_refuses_a_cache_of_another_sequence(small_cache, demo_dir, proc
             p.write_text(p.read_text().replace("USER: ", "HUMAN: "))
     proc2 = AutoProcessor.from_pretrained(other)
     assert "HUMAN" in (proc2.chat_template or "")
-    ds2 = DistillDataset(read_llava(demo_dir / "train.json"), proc2, str(demo_dir), 256, TeacherCache(small_cache))
+    ds2 = _data(read_llava(demo_dir / "train.json"), proc2, demo_dir, TeacherCache(small_cache))
     with pytest.raises(AlignmentError, match="differs from the teacher's in the cache at text token 1 "):
         ds2[0]
 
 
 def test_missing_samples_are_listed(small_cache, demo_dir, processor):
     with pytest.raises(Exception, match="no cached targets.*first"):
-        DistillDataset(read_llava(demo_dir / "test.json"), processor, str(demo_dir), 256, TeacherCache(small_cache))
+        _data(read_llava(demo_dir / "test.json"), processor, demo_dir, TeacherCache(small_cache))
 
 
 @pytest.mark.parametrize("n,bs,world", [(103, 8, 1), (103, 8, 2), (64, 4, 4), (17, 2, 3)])
 def test_every_rank_gets_the_same_number_of_batches(n, bs, world):
-    per_rank = [rank_batches(n, bs, r, world, seed=5, epoch=1) for r in range(world)]
-    assert len({len(b) for b in per_rank}) == 1
-    flat = [i for b in per_rank for batch in b for i in batch]
+    plan = EpochPlan([10] * (n // 10) + [n % 10], streams=world, seed=5, window=7, block_rows=4)
+    per_rank = [plan.micro_batches(r, world, bs, epoch=1) for r in range(world)]
+    assert len({len(b) for b in per_rank}) == 1 and len(per_rank[0]) == n // world // bs
+    flat = [int(i) for b in per_rank for batch in b for i in batch]
     assert len(flat) == len(set(flat)) == len(per_rank[0]) * bs * world
     assert all(len(batch) == bs for b in per_rank for batch in b)
-    assert rank_batches(n, bs, 0, world, 5, 1) == per_rank[0]  # deterministic
-    assert rank_batches(n, bs, 0, world, 5, 2) != per_rank[0]  # reshuffled per epoch
+    again = plan.micro_batches(0, world, bs, epoch=1)
+    assert all((a == b).all() for a, b in zip(again, per_rank[0]))  # deterministic
+    assert any((a != b).any() for a, b in zip(plan.micro_batches(0, world, bs, epoch=2), per_rank[0]))  # reshuffled
+
+
+def test_the_global_batch_does_not_depend_on_the_rank_count():
+    """With the streams fixed, 1 rank x batch 8 and 2 or 4 ranks x (8 / ranks) train on the
+    same rows at every step; each rank reads its own streams, i.e. its own shards."""
+    plan = EpochPlan([16] * 6 + [5], streams=4, seed=1, window=8, block_rows=4)
+    one = plan.micro_batches(0, 1, 8)
+    for world in (2, 4):
+        ranks = [plan.micro_batches(r, world, 8 // world) for r in range(world)]
+        assert all(len(b) == len(one) for b in ranks)
+        for m, whole in enumerate(one):
+            assert sorted(np.concatenate([b[m] for b in ranks]).tolist()) == sorted(whole.tolist())
+        shards = [set(plan.locate(np.concatenate(b))[0].tolist()) for b in ranks]
+        assert sum(len(s) for s in shards) <= len(set().union(*shards)) + world - 1  # only boundary shards shared
 
 
 def test_recipe_trains_and_saves_a_loadable_model(small_cache, demo_dir, processor_dir, tmp_path):
@@ -133,12 +154,14 @@ def test_exact_match_equals_greedy_generation(teacher_dir, demo_dir, tmp_path):
 
 def test_kept_encodings_equal_fresh_ones(demo_dir, processor):
     samples = read_llava(demo_dir / "train.json")[:3]
-    kept = DistillDataset(samples, processor, str(demo_dir), 256, keep_encoded=True)
-    fresh = DistillDataset(samples, processor, str(demo_dir), 256)
-    first = kept[1].encoded
-    assert kept[1].encoded is first  # encoded once, then reused
-    assert (first.input_ids == fresh[1].encoded.input_ids).all()
-    assert np.array_equal(first.vision["pixel_values"], fresh[1].encoded.vision["pixel_values"])
+    kept = _data(samples, processor, demo_dir, keep_encoded=True)
+    fresh = _data(samples, processor, demo_dir)
+    a = kept[1]
+    first = kept._encoded[1]
+    b = kept[1]
+    assert kept._encoded[1] is first  # encoded once, then reused
+    assert (a.input_ids == b.input_ids).all() and (a.input_ids == fresh[1].input_ids).all()
+    assert torch.equal(a.vision["pixel_values"], fresh[1].vision["pixel_values"])
 
 
 def test_temperature_and_vocabulary_the_student_cannot_honour(small_cache, demo_dir, processor, tmp_path):
@@ -151,7 +174,7 @@ def test_temperature_and_vocabulary_the_student_cannot_honour(small_cache, demo_
     m.extraction["temperature"] = 2.0
     m.save(hot)
     with pytest.raises(CacheError, match="temperature 2.0"):
-        DistillDataset(read_llava(demo_dir / "train.json"), processor, str(demo_dir), 256, TeacherCache(hot))
+        _data(read_llava(demo_dir / "train.json"), processor, demo_dir, TeacherCache(hot))
     cache = TeacherCache(small_cache)
     vocab = cache.manifest.vocab_size
     narrow = torch.nn.Module()
