@@ -20,7 +20,7 @@ from mmkd.storage.fs import join, open_fs
 from mmkd.storage.manifest import Manifest, ShardInfo
 from mmkd.storage.schema import STORED_SCHEMA, CacheError, CacheRow, RowBatch
 from mmkd.storage.plan import EpochPlan
-from mmkd.storage.tables import VOCAB_ORDER_KEY, decode_batch, unpack_order
+from mmkd.storage.tables import VOCAB_ORDER_KEY, decode_batch, decode_codes, unpack_order
 from mmkd.storage.writer import ROW_GROUP_ROWS, sha256_bytes
 
 
@@ -50,10 +50,11 @@ class TeacherCache:
 
     def __init__(self, path: str, check: bool = True, keep_row_groups: int = 16):
         self.path = str(path)
-        self.keep_row_groups = keep_row_groups  # read_rows' cache of stored row groups (most recent)
+        self.keep_row_groups = keep_row_groups  # row groups kept decoded for read_items (most recent)
         self._footers: dict[int, pq.ParquetFile] = {}
         self._orders: dict[int, np.ndarray] = {}
-        self._groups: dict[tuple[int, int], pa.Table] = {}
+        self._groups: dict[tuple[int, int], RowBatch] = {}
+        self._starts: dict[int, np.ndarray] = {}
         self.fs, self.root = open_fs(path)
         self.manifest = Manifest.load(self.path)
         self.settings = self.manifest.target_settings()
@@ -157,28 +158,32 @@ class TeacherCache:
     def read_items(self, plan: EpochPlan, items: np.ndarray) -> RowBatch:
         """The rows of plan items `items`, decoded, in that order."""
         shard, row = plan.locate(items)
-        parts, where = [], []
-        for s in np.unique(shard):
-            pick = np.flatnonzero(shard == s)
-            wanted, back = np.unique(row[pick], return_inverse=True)
-            parts.append(self.read_rows(int(s), wanted).take(back))
-            where.append(pick)
-        got = RowBatch.concat(parts) if len(parts) > 1 else parts[0]
-        return got.take(np.argsort(np.concatenate(where), kind="stable")) if len(parts) > 1 else got
+        return self._gather(shard, row)
 
     def read_rows(self, shard: int, rows: np.ndarray) -> RowBatch:
-        """Decoded rows (sorted, unique row indices) of one shard, reading only their row
-        groups; the last few row groups read are kept (the plan's windows revisit them)."""
-        info = self.manifest.shards[shard]
-        f = self._footer(shard)
-        group_rows = np.array([f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)], dtype=np.int64)
-        group_start = np.r_[0, np.cumsum(group_rows)[:-1]]
-        groups = np.unique(np.searchsorted(group_start, rows, side="right") - 1)
-        tables = [self._row_group(shard, int(g)) for g in groups]
-        table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-        read = np.concatenate([np.arange(group_start[g], group_start[g] + group_rows[g]) for g in groups])
-        local = np.searchsorted(read, rows)  # rows are sorted and unique, as is `read`
-        return self.decode_batch(table.take(pa.array(local)), self._orders[shard], self.shard_path(info))
+        """Decoded rows `rows` (row indices) of one shard, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return self._gather(np.full(len(rows), shard), rows)
+
+    def _gather(self, shard: np.ndarray, row: np.ndarray) -> RowBatch:
+        """Rows (shard[i], row[i]) from their row groups, decoded once per row group (with
+        their log-prob codes; values are decoded for the rows gathered) and kept while the
+        plan's windows use them: the last keep_row_groups row groups read stay decoded."""
+        picks = []
+        for s, r in zip(shard.tolist(), row.tolist()):
+            starts = self._group_starts(s)
+            g = int(np.searchsorted(starts, r, side="right")) - 1
+            picks.append((self._row_group(s, g), r - int(starts[g])))
+        return decode_codes(RowBatch.gather(picks), self.settings)
+
+    def _group_starts(self, shard: int) -> np.ndarray:
+        """First row of each Parquet row group of a shard."""
+        starts = self._starts.get(shard)
+        if starts is None:
+            f = self._footer(shard)
+            rows = [f.metadata.row_group(g).num_rows for g in range(f.num_row_groups)]
+            starts = self._starts[shard] = np.r_[0, np.cumsum(rows)[:-1]].astype(np.int64)
+        return starts
 
     def _footer(self, shard: int) -> pq.ParquetFile:
         """The open shard (footer parsed, vocabulary order unpacked), the last few kept."""
@@ -195,22 +200,27 @@ class TeacherCache:
 
     def __getstate__(self) -> dict:
         # what goes to a loader worker: the open files and the row groups read stay behind
-        return {**self.__dict__, "_footers": {}, "_orders": {}, "_groups": {}}
+        return {**self.__dict__, "_footers": {}, "_orders": {}, "_groups": {}, "_starts": {}}
 
-    def _row_group(self, shard: int, group: int) -> pa.Table:
+    def _row_group(self, shard: int, group: int) -> RowBatch:
+        """One row group's rows, decoded with codes (decode_batch codes=True)."""
         key = (shard, group)
         if key in self._groups:
             self._groups[key] = self._groups.pop(key)  # most recently used last
             return self._groups[key]
+        path = self.shard_path(self.manifest.shards[shard])
         try:
             table = self._footer(shard).read_row_group(group)
         except (OSError, pa.ArrowException) as e:
-            raise CacheError(f"{self.shard_path(self.manifest.shards[shard])}: unreadable Parquet ({e}); run "
-                             "`mmkd cache verify`") from e
-        self._groups[key] = table
+            raise CacheError(f"{path}: unreadable Parquet ({e}); run `mmkd cache verify`") from e
+        try:
+            rows = decode_batch(table, self._orders[shard], self.settings, codes=True)
+        except (CacheError, ValueError, IndexError) as e:
+            raise CacheError(f"{path}: {e}; run `mmkd cache verify`") from e
+        self._groups[key] = rows
         while len(self._groups) > self.keep_row_groups:
             self._groups.pop(next(iter(self._groups)))
-        return table
+        return rows
 
     # ------------------------------------------------------------ integrity
 

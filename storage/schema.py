@@ -170,6 +170,32 @@ class RowBatch:
                         pick(self.relation), pick(self.preference))
 
     @staticmethod
+    def gather(picks: list[tuple["RowBatch", int]]) -> "RowBatch":
+        """One row from each (batch, row index) pair, in that order: a new batch built by
+        concatenating the rows' runs (views), without a per-entry index."""
+        def runs(lengths_of, arrays_of):
+            cuts = [(arrays_of(b), _row_slices(lengths_of(b))[i:i + 2]) for b, i in picks]
+            return [np.concatenate([a[lo:hi] for a, (lo, hi) in ((arr[k], c) for arr, c in cuts)])
+                    for k in range(len(cuts[0][0]))]
+
+        first = picks[0][0]
+        input_ids, = runs(lambda b: b.input_lengths, lambda b: (b.input_ids,))
+        tokens = {}
+        for kind in ("response", "visual"):
+            if getattr(first, kind) is None:
+                tokens[kind] = None
+                continue
+            names = [n for n in ("positions", "ids", "logprobs", "leftover", "counts")
+                     if getattr(getattr(first, kind), n) is not None]
+            values = runs(lambda b: getattr(b, kind).lengths, lambda b: tuple(getattr(getattr(b, kind), n) for n in names))
+            lengths = np.array([getattr(b, kind).lengths[i] for b, i in picks], dtype=np.int64)
+            tokens[kind] = TokenBatch(lengths, **dict(zip(names, values)))
+        pick = lambda name: None if getattr(first, name) is None else [getattr(b, name)[i] for b, i in picks]  # noqa: E731
+        return RowBatch(pick("sample_ids"), pick("token_digests"),
+                        np.array([b.input_lengths[i] for b, i in picks], dtype=np.int64), input_ids,
+                        tokens["response"], tokens["visual"], pick("relation"), pick("preference"))
+
+    @staticmethod
     def concat(parts: list["RowBatch"]) -> "RowBatch":
         """Rows of several batches (e.g. decoded from different shards), in that order."""
         def cat_list(name):

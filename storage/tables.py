@@ -205,8 +205,11 @@ def unpack_order(value: bytes | None) -> np.ndarray:
 
 # ---------------------------------------------------------------- STORED -> rows
 
-def decode_token_targets(table: pa.Table, kind: str, order: np.ndarray, s: TargetSettings) -> TokenBatch | None:
-    """One kind's targets of every row of a STORED table, flat (None when the kind is absent)."""
+def decode_token_targets(table: pa.Table, kind: str, order: np.ndarray, s: TargetSettings,
+                         codes: bool = False) -> TokenBatch | None:
+    """One kind's targets of every row of a STORED table, flat (None when the kind is absent).
+    codes: leave log-probs and leftover as their uint8 level codes (decode_codes turns them
+    into values later: a reader keeps coded rows at 1 byte per value)."""
     if not _present(table, f"{kind}_positions"):
         return None
     positions, pos_lens = _list_flat(table.column(f"{kind}_positions"))
@@ -228,6 +231,8 @@ def decode_token_targets(table: pa.Table, kind: str, order: np.ndarray, s: Targe
         if len(values) != len(ids) or len(left) != n:
             raise CacheError(f"{kind}: {len(values)} values / {len(left)} leftover entries for {len(ids)} ids / "
                              f"{n} positions; the shard is malformed")
+        if codes:
+            return TokenBatch(pos_lens, positions, ids.reshape(n, s.width), values.reshape(n, s.width), left)
         lp = codec.decode_logprobs(values, s.codec.levels).reshape(n, s.width)
         leftover = np.exp(codec.decode_logprobs(left, s.codec.levels))
         return TokenBatch(pos_lens, positions, ids.reshape(n, s.width), lp, leftover)
@@ -242,12 +247,24 @@ def decode_token_targets(table: pa.Table, kind: str, order: np.ndarray, s: Targe
     return TokenBatch(pos_lens, positions, pid, counts=pct)
 
 
-def decode_batch(table: pa.Table, order: np.ndarray, s: TargetSettings) -> RowBatch:
+def decode_codes(batch: RowBatch, s: TargetSettings) -> RowBatch:
+    """A batch decoded with codes=True -> the same rows with log-prob and leftover values
+    (the same values decode_batch gives directly)."""
+    for kind in TOKEN_KINDS:
+        tb = getattr(batch, kind)
+        if tb is not None and tb.logprobs is not None and tb.logprobs.dtype == np.uint8:
+            tb.logprobs = codec.decode_logprobs(tb.logprobs, s.codec.levels)
+            tb.leftover = np.exp(codec.decode_logprobs(tb.leftover, s.codec.levels))
+    return batch
+
+
+def decode_batch(table: pa.Table, order: np.ndarray, s: TargetSettings, codes: bool = False) -> RowBatch:
     """A STORED table (one shard, or any slice of one) -> its rows decoded, flat (RowBatch):
-    a handful of vectorised passes over the table, whatever its number of rows."""
+    a handful of vectorised passes over the table, whatever its number of rows. codes: as
+    in decode_token_targets."""
     ids, lens = _list_flat(table.column("input_ids"))
     batch = RowBatch(table.column("sample_id").to_pylist(), table.column("token_digest").to_pylist(), lens,
-                     ids.astype(np.int64), *(decode_token_targets(table, kind, order, s) for kind in TOKEN_KINDS))
+                     ids.astype(np.int64), *(decode_token_targets(table, kind, order, s, codes) for kind in TOKEN_KINDS))
     if _present(table, "relation"):
         batch.relation = [codec.decode_relation(blob, size, s.codec.relation) for blob, size in
                           zip(table.column("relation").to_pylist(), table.column("relation_size").to_pylist())]

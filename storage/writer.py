@@ -47,7 +47,10 @@ ROW_GROUP_ROWS = 128  # rows per Parquet row group of a shard: the unit readers 
 
 def encode_parquet(table: pa.Table, compression: str, level: int, row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression=compression, compression_level=level, row_group_size=row_group_rows)
+    # No dictionary encoding: the coded columns hold distinct blobs per row, where a dictionary
+    # attempt only costs (reading a row group took 2.8x as long at k = 64; sizes equal within 0.1-4%).
+    pq.write_table(table, buf, compression=compression, compression_level=level, row_group_size=row_group_rows,
+                   use_dictionary=False)
     return buf.getvalue()
 
 

@@ -43,6 +43,7 @@ from mmkd.common.preprocess import image_token_id
 from mmkd.storage.fs import write_atomic
 from mmkd.storage.plan import EpochPlan
 from mmkd.storage.reader import TeacherCache
+from mmkd.storage.writer import ROW_GROUP_ROWS
 from mmkd.student import checkpoint, terms
 from mmkd.student.data import StudentData, check_student_vocab
 from mmkd.student.losses import DIVERGENCES, LEFTOVER_MODES, PREFERENCE_LOSSES, RELATION_POOLING
@@ -216,8 +217,10 @@ def setup_data(cfg: TrainConfig, processor, rank: int, world: int) -> Data:
     dataset = StudentData(samples, processor, cfg.inputs.image_root, cfg.max_length, cache, terms.record_kinds(cfg),
                           subset, cfg.keep_encoded)
     streams = cfg.data_streams or world
-    plan = EpochPlan(dataset.shard_rows, streams, cfg.seed, cfg.shuffle_window)
-    plan.rank_streams(rank, world)  # refuses streams that do not split over the ranks
+    plan = EpochPlan(dataset.shard_rows, streams, cfg.seed, cfg.shuffle_window, ROW_GROUP_ROWS)
+    mine = len(plan.rank_streams(rank, world))  # refuses streams that do not split over the ranks
+    if cache is not None:  # the row groups of one shuffle window per stream stay in the reader (storage/plan.py)
+        cache.keep_row_groups = max(cache.keep_row_groups, mine * (cfg.shuffle_window // ROW_GROUP_ROWS + 2))
     micro = plan.num_micro_batches(world, cfg.batch_size)
     if micro < cfg.grad_accum:
         raise ValueError(f"{len(dataset)} items give {micro} micro-batches of {cfg.batch_size} per rank, fewer than "

@@ -191,8 +191,8 @@ def test_stream_reads_only_this_ranks_shards(tmp_path, monkeypatch):
     write(tmp_path, [f"s{i:02d}" for i in range(40)], rows_per_shard=5)  # 8 shards
     cache = TeacherCache(str(tmp_path))
     touched = []
-    real = cache.read_rows
-    monkeypatch.setattr(cache, "read_rows", lambda s, r: touched.append(s) or real(s, r))
+    real = cache._footer  # opens a shard
+    monkeypatch.setattr(cache, "_footer", lambda s: touched.append(s) or real(s))
     list(cache.stream(rank=2, world_size=4, seed=1))
     assert len(set(touched)) == 2  # 10 samples: two whole shards of the 8
 

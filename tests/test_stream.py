@@ -30,23 +30,25 @@ REPO = Path(__file__).resolve().parent.parent
 # a fresh single-rank process: not the rendezvous settings this test process may hold
 ENV = {**{k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}, "PYTHONPATH": str(REPO)}
-# Peak RSS of `mmkd train` in one process (no loader workers), reported by the child itself.
+# Peak RSS of `mmkd train` in one process (no loader workers), reported by the child itself:
+# VmHWM, the high-water mark of this process image (ru_maxrss would include the RSS of the
+# forking parent, i.e. of this test process).
 PEAK_RSS = """
-import resource, sys
+import sys
 from mmkd.pipelines.cli import main
 rc = main(sys.argv[1:])
-print("PEAK_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+print("PEAK_KB", next(line.split()[1] for line in open("/proc/self/status") if line.startswith("VmHWM")))
 sys.exit(rc)
 """
 
 
 def _peak_rss_mb(root: Path, out: Path) -> float:
     args = ["train", "--data", str(root / "data.jsonl"), "--image-column", "", "--processor", str(root / "processor"),
-            "--cache", str(root / "cache"), "--output-dir", str(out), "--max-steps", "3", "--batch-size", "8",
+            "--cache", str(root / "cache"), "--output-dir", str(out), "--max-steps", "3", "--batch-size", "2",
             "--num-workers", "0", "--save-every", "0", "--tensorboard", "false", "--max-length", "512",
             "--arch.vision-hidden", "32", "--arch.vision-layers", "1", "--arch.vision-heads", "2",
             "--arch.text-hidden", "32", "--arch.text-layers", "1", "--arch.text-heads", "2",
-            "--arch.text-intermediate", "64", "--arch.max-positions", "512"]
+            "--arch.text-intermediate", "64", "--arch.max-positions", "512", "--shuffle-window", "64"]
     proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *args], cwd=REPO, env=ENV, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -56,14 +58,16 @@ def _peak_rss_mb(root: Path, out: Path) -> float:
 @pytest.mark.slow
 def test_training_memory_does_not_grow_with_the_cache(tmp_path):
     """The same 3 training steps from a cache of 200 samples (40k targets at k = 64) and from
-    one 8x as large: peak RSS within 40 MB. A trainer that decodes the whole cache holds
-    ~0.5 KB per target token, about 140 MB more for the larger one."""
+    one 8x as large: peak RSS within 80 MB. Both caches hold more rows than the shuffle
+    window (64 rows, a few row groups), whose rows are what the reader keeps. Measured: +3
+    and +24 MB in two runs (the step's own peak varies by that much); the trainer that
+    decoded the whole cache: +186 and +232 MB (~0.7 KB per target token)."""
     small, large = tmp_path / "x1", tmp_path / "x8"
     write_synthetic(small, distinct=100, copies=2, answer_words=200)
     info = write_synthetic(large, distinct=100, copies=16, answer_words=200)
     assert info["targets"] > 300_000
     one, eight = _peak_rss_mb(small, tmp_path / "run1"), _peak_rss_mb(large, tmp_path / "run8")
-    assert eight - one < 40, (one, eight)
+    assert eight - one < 80, (one, eight)
 
 
 def test_two_ranks_read_disjoint_rows_from_their_own_shards(tmp_path):
