@@ -75,15 +75,35 @@ def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
     return templater.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
-def process_image(processor, image: Image.Image) -> tuple[int, dict[str, np.ndarray]]:
-    """(visual-token count, model inputs) of one image: the processor expands one image
-    placeholder for it, so the count is the family's own (fixed for LLaVA-1.5, size-dependent
-    for LLaVA-OneVision and Qwen2-VL)."""
-    out = processor(text=processor.image_token, images=[image], return_tensors="np")
-    n = int((out["input_ids"][0] == image_token_id(processor)).sum())
+def _image_inputs(out) -> dict[str, np.ndarray]:
     vision = {k: np.asarray(out[k]) for k in VISION_KEYS if k in out and k != "mm_token_type_ids"}
     if "pixel_values" in vision:
         vision["pixel_values"] = vision["pixel_values"].astype(np.float32)
+    return vision
+
+
+# (processor id, image size) -> (visual-token count, the processor): sizes for which the image
+# processor alone was seen to give the whole processor's image inputs
+_IMAGE_ONLY: dict[tuple[int, tuple[int, int]], tuple[int, object]] = {}
+
+
+def process_image(processor, image: Image.Image) -> tuple[int, dict[str, np.ndarray]]:
+    """(visual-token count, model inputs) of one image: the processor expands one image
+    placeholder for it, so the count is the family's own (fixed for LLaVA-1.5, size-dependent
+    for LLaVA-OneVision and Qwen2-VL). The count depends on the image's size only, so once a
+    size has been through the whole processor and its image processor alone gave the same
+    inputs, later images of that size go through the image processor only (a third of the
+    cost of encoding a demo sample)."""
+    key = (id(processor), image.size)
+    known = _IMAGE_ONLY.get(key)
+    if known is not None:
+        return known[0], _image_inputs(processor.image_processor(images=[image], return_tensors="np"))
+    out = processor(text=processor.image_token, images=[image], return_tensors="np")
+    n = int((out["input_ids"][0] == image_token_id(processor)).sum())
+    vision = _image_inputs(out)
+    alone = _image_inputs(processor.image_processor(images=[image], return_tensors="np"))
+    if alone.keys() == vision.keys() and all(np.array_equal(alone[k], vision[k]) for k in vision):
+        _IMAGE_ONLY[key] = (n, processor)  # the processor is kept: its id is not reused meanwhile
     return n, vision
 
 
