@@ -168,9 +168,10 @@ def step_costs(a, demo: Path, train_json: Path, caches: dict[str, str], vocab: i
         t = time.perf_counter()
         if teacher is not None:
             teacher.fill(batch)
-        out = wrapped(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None)
-        loss = sum(terms.weight_of(term, cfg) * term.loss(out, batch, cfg, wrapped.model) for term in stage)
-        loss.backward()
+        coefs = {term.name: terms.weight_of(term, cfg) for term in stage}  # one rank: weight x 1
+        out = wrapped(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None,
+                      terms=terms.token_terms(stage, batch, cfg, coefs))
+        out["loss"].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         return time.perf_counter() - t

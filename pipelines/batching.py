@@ -7,8 +7,12 @@ messages (the teacher's tokenizer, batched; no chat template, no image processin
 tokens per message for the template, and the visual-token count when it has an image.
 Characters / CHARS_PER_TOKEN stand in when no tokenizer is given, but they order real text
 poorly (3.3-4.7 characters per token across the docstrings of bench_teacher_pass.py: 11%
-padding at batch 8 where token counts give 1.4%). Batches run longest first, so a batch
-size too large for the device fails on the first batch, not hours into the pass.
+padding at batch 8 where token counts give 1.4%). The longest batch runs first, so a batch
+size too large for the device fails on the first batch, not hours into the pass; the others
+follow in a seeded random order, so that the cache's shards, which take the rows in the
+order they arrive, hold a mix of lengths (and of whatever correlates with length, such as
+the task): a trainer streams shards and row groups in blocks (storage/plan.py), and
+length-sorted blocks trained measurably worse (docs/benchmarks.md, the shuffle study).
 
 The batches become Ray blocks of whole batches (``batch_blocks``): Ray Data slices a
 ``map_batches`` input per block, so a block that held part of two batches would give the
@@ -18,6 +22,7 @@ actor a short batch (a block of 5 rows with batch size 16 becomes calls of 16 an
 from __future__ import annotations
 
 import math
+import random
 
 import pyarrow as pa
 
@@ -63,18 +68,26 @@ def estimated_tokens(items: list, tokenizer=None, image_tokens: int = 0, chunk: 
 
 
 def plan_batches(items: list, batch_size: int, image_tokens: int = 0, tokenizer=None,
-                 lengths: list[int] | None = None) -> list[list]:
-    """items in batches of batch_size (the last may be shorter), longest first by
-    estimated_tokens(items, tokenizer, image_tokens), or by `lengths` when given (the same
-    estimates, computed once by the caller); equal lengths keep their input order, so the
-    plan is deterministic. The teacher pass plans with the teacher's tokenizer."""
+                 lengths: list[int] | None = None, shuffle_seed: int | None = None) -> list[list]:
+    """items in batches of batch_size (the last may be shorter) of similar length, longest
+    first by estimated_tokens(items, tokenizer, image_tokens), or by `lengths` when given
+    (the same estimates, computed once by the caller); equal lengths keep their input
+    order, so the plan is deterministic. shuffle_seed: the longest batch stays first, the
+    others are shuffled with this seed (the teacher pass; None keeps them longest first).
+    The teacher pass plans with the teacher's tokenizer."""
     if batch_size < 1:
         raise ValueError(f"batch_size={batch_size}: use 1 or more")
     if lengths is None:
         lengths = estimated_tokens(items, tokenizer, image_tokens)
     order = sorted(range(len(items)), key=lambda i: (-lengths[i], i))
     ordered = [items[i] for i in order]
-    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    batches = [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    if shuffle_seed is not None and len(batches) > 2:
+        short = batches[-1:] if len(batches[-1]) < batch_size else []  # stays last: Ray blocks hold whole batches
+        rest = batches[1:len(batches) - len(short)]
+        random.Random(f"batches-{shuffle_seed}").shuffle(rest)
+        batches = batches[:1] + rest + short
+    return batches
 
 
 def batch_blocks(rows: list[list[str]], batch_size: int, num_workers: int, blocks_per_worker: int = 200

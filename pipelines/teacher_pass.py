@@ -39,7 +39,7 @@ class TeacherPassConfig:
     mode: str = "topk"  # "topk": k most probable ids; "sampled": ids drawn from the teacher
     k: int = 64  # top-k entries kept per supervised position (mode topk)
     draws: int = 32  # ids drawn per supervised position (mode sampled; at most 255)
-    seed: int = 0  # sampling seed (mode sampled); each batch's draws depend on its sample ids
+    seed: int = 0  # the order of batches and of rows in shards; sampling (mode sampled: draws depend on the ids too)
     temperature: float = 1.0
     dtype: str = "float32"  # teacher dtype: float32, bfloat16, float16
     device: str = "auto"  # "auto" = CUDA when present, else CPU
@@ -113,7 +113,8 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
 
     read_errors = None if cfg.fail_fast else []  # --fail-fast: the first malformed record stops the pass
     samples = read_inputs(cfg, read_errors)
-    writer = open_writer(cfg.output, build_manifest(cfg, len(samples)), cfg.rows_per_shard, replace=cfg.new_cache)
+    writer = open_writer(cfg.output, build_manifest(cfg, len(samples)), cfg.rows_per_shard, replace=cfg.new_cache,
+                         shuffle_seed=cfg.seed)
     quarantine = Quarantine(cfg.output, writer, read_errors or [], cfg.fail_fast, cfg.max_retries, log)
     done = {sid for s in writer.manifest.shards for sid in s.sample_ids}
     pending = [s for s in samples if s.id not in done]
@@ -139,7 +140,8 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
         ctx.execution_options.preserve_order = True  # same input -> same shards
         ctx.enable_progress_bars = False
         ctx.max_errored_blocks = 0 if cfg.fail_fast else -1  # a batch Ray gave up on: reported by quarantine.finish
-        batches = plan_batches(pending, cfg.batch_size, lengths=lengths)  # similar lengths together, longest first
+        batches = plan_batches(pending, cfg.batch_size, lengths=lengths, shuffle_seed=cfg.seed)  # longest first,
+        # then the others in a seeded random order: shards get a mix of lengths
         ds = ray.data.from_arrow(batch_blocks([[sample_item(s)["sample"] for s in b] for b in batches], cfg.batch_size,
                                               cfg.num_workers))
         # transformers workers preprocess the next batch on a second thread while the teacher runs (TeacherWorker's

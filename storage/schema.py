@@ -91,6 +91,15 @@ def _row_slices(lengths: np.ndarray) -> np.ndarray:
     return np.r_[0, np.cumsum(lengths)].astype(np.int64)
 
 
+def _offsets(owner, lengths: str) -> np.ndarray:
+    """_row_slices of owner.<lengths>, computed once per object (decoded row groups are
+    gathered from many times)."""
+    memo = owner.__dict__.setdefault("_offsets", {})
+    if lengths not in memo:
+        memo[lengths] = _row_slices(getattr(owner, lengths))
+    return memo[lengths]
+
+
 def _gather_runs(lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
     """Flat indices of the runs of rows `order` (in that order) of a flat array whose row i
     holds lengths[i] entries."""
@@ -113,7 +122,7 @@ class TokenBatch:
     counts: np.ndarray | None = None  # int32 [n, draws] (sampled)
 
     def row(self, i: int) -> TokenTargets:
-        a, b = _row_slices(self.lengths)[i:i + 2]
+        a, b = _offsets(self, "lengths")[i:i + 2]
         return TokenTargets(*(None if v is None else v[a:b] for v in
                               (self.positions, self.ids, self.logprobs, self.leftover, self.counts)))
 
@@ -151,7 +160,7 @@ class RowBatch:
         return len(self.sample_ids)
 
     def row(self, i: int) -> CacheRow:
-        a, b = _row_slices(self.input_lengths)[i:i + 2]
+        a, b = _offsets(self, "input_lengths")[i:i + 2]
         return CacheRow(self.sample_ids[i], self.token_digests[i], self.input_ids[a:b],
                         *(None if t is None else t.row(i) for t in (self.response, self.visual)),
                         None if self.relation is None else self.relation[i],
@@ -173,13 +182,13 @@ class RowBatch:
     def gather(picks: list[tuple["RowBatch", int]]) -> "RowBatch":
         """One row from each (batch, row index) pair, in that order: a new batch built by
         concatenating the rows' runs (views), without a per-entry index."""
-        def runs(lengths_of, arrays_of):
-            cuts = [(arrays_of(b), _row_slices(lengths_of(b))[i:i + 2]) for b, i in picks]
+        def runs(owner_of, lengths, arrays_of):
+            cuts = [(arrays_of(b), _offsets(owner_of(b), lengths)[i:i + 2]) for b, i in picks]
             return [np.concatenate([a[lo:hi] for a, (lo, hi) in ((arr[k], c) for arr, c in cuts)])
                     for k in range(len(cuts[0][0]))]
 
         first = picks[0][0]
-        input_ids, = runs(lambda b: b.input_lengths, lambda b: (b.input_ids,))
+        input_ids, = runs(lambda b: b, "input_lengths", lambda b: (b.input_ids,))
         tokens = {}
         for kind in ("response", "visual"):
             if getattr(first, kind) is None:
@@ -187,7 +196,8 @@ class RowBatch:
                 continue
             names = [n for n in ("positions", "ids", "logprobs", "leftover", "counts")
                      if getattr(getattr(first, kind), n) is not None]
-            values = runs(lambda b: getattr(b, kind).lengths, lambda b: tuple(getattr(getattr(b, kind), n) for n in names))
+            values = runs(lambda b: getattr(b, kind), "lengths",
+                          lambda b: tuple(getattr(getattr(b, kind), n) for n in names))
             lengths = np.array([getattr(b, kind).lengths[i] for b, i in picks], dtype=np.int64)
             tokens[kind] = TokenBatch(lengths, **dict(zip(names, values)))
         pick = lambda name: None if getattr(first, name) is None else [getattr(b, name)[i] for b, i in picks]  # noqa: E731

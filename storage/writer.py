@@ -63,14 +63,16 @@ class CacheWriter:
     """Appends rows to a cache folder in committed shards.
 
     Open with a fresh Manifest (new cache) or the one on disk (resume: its settings must
-    equal the new ones, checked by the caller). ``add`` buffers RAW_SCHEMA tables (exact
+    equal the new ones, checked by the caller). shuffle_seed: each shard's rows are written
+    in a random order seeded by it and the shard's number (the teacher pass: row groups are
+    what trainers shuffle as blocks); None keeps the order they were added in. ``add`` buffers RAW_SCHEMA tables (exact
     values) and commits a shard every ``rows_per_shard`` rows; ``close(complete)`` commits
     the rest. Encoding happens at commit, per shard (the id codec's vocabulary order is
     learned from the shard's own targets).
     """
 
     def __init__(self, cache_dir: str, manifest: Manifest, rows_per_shard: int = 512,
-                 row_group_rows: int = ROW_GROUP_ROWS):
+                 row_group_rows: int = ROW_GROUP_ROWS, shuffle_seed: int | None = None):
         self.path = str(cache_dir)
         self.fs, self.root = open_fs(cache_dir)
         self.fs.makedirs(self.root, exist_ok=True)
@@ -85,6 +87,7 @@ class CacheWriter:
         self.manifest = manifest
         self.settings = manifest.target_settings()
         self.rows_per_shard, self.row_group_rows = rows_per_shard, row_group_rows
+        self.shuffle_seed = shuffle_seed
         self._buffer: list[pa.Table] = []
         self._buffered = 0
         self._discard_uncommitted()
@@ -111,6 +114,11 @@ class CacheWriter:
             self._buffer, self._buffered = ([rest], rest.num_rows) if rest.num_rows else ([], 0)
 
     def _commit(self, raw: pa.Table) -> None:
+        if self.shuffle_seed is not None:  # rows in a seeded random order: each row group a mix of the shard
+            import numpy as np
+
+            perm = np.random.default_rng([self.shuffle_seed, len(self.manifest.shards)]).permutation(raw.num_rows)
+            raw = raw.take(pa.array(perm))
         self.commit_stored(encode_raw(raw, self.settings))
 
     def commit_stored(self, table: pa.Table) -> None:
@@ -144,13 +152,14 @@ class CacheWriter:
         return self.manifest
 
 
-def open_writer(cache_dir: str, fresh: Manifest, rows_per_shard: int = 512, replace: bool = False) -> CacheWriter:
+def open_writer(cache_dir: str, fresh: Manifest, rows_per_shard: int = 512, replace: bool = False,
+                shuffle_seed: int | None = None) -> CacheWriter:
     """The resume policy of a cache folder: a writer that continues the cache already in
     `cache_dir` when it was made with the same settings as `fresh` (Manifest.settings: its
     committed samples stay, the caller skips them), or starts `fresh` there. A folder holding
     a cache of other settings, or an unreadable manifest, is refused naming what differs,
     unless `replace` (then the old shards are deleted, once the writer holds the folder's
-    lock, so a live writer's shards are never touched)."""
+    lock, so a live writer's shards are never touched). shuffle_seed: as CacheWriter's."""
     fs, root = open_fs(cache_dir)
     if fs.exists(join(root, MANIFEST_NAME)):
         try:
@@ -160,14 +169,14 @@ def open_writer(cache_dir: str, fresh: Manifest, rows_per_shard: int = 512, repl
                 raise
             old = None
         if old is not None and not old.settings_differ(fresh):
-            return CacheWriter(cache_dir, old, rows_per_shard)
+            return CacheWriter(cache_dir, old, rows_per_shard, shuffle_seed=shuffle_seed)
         if old is not None and not replace:
             raise CacheError(
                 f"{cache_dir}: holds a cache made with other settings ({', '.join(fresh.settings_differ(old))} "
                 "differ); choose another output folder or pass --new-cache to replace it"
             )
     # A fresh manifest lists no shards: the writer deletes every shard file there.
-    return CacheWriter(cache_dir, fresh, rows_per_shard)
+    return CacheWriter(cache_dir, fresh, rows_per_shard, shuffle_seed=shuffle_seed)
 
 
 class BackgroundWriter:

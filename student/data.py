@@ -106,8 +106,9 @@ class StudentData(torch.utils.data.Dataset):
     samples: the input (common.inputs.SampleTable, or SampleList for samples in memory);
     preference pairs when samples.pairs. cache: the teacher cache (None: CE only, or the
     online baseline). kinds: the record kinds the stage's terms read (student.terms).
-    subset: input rows to use (None: all). keep_encoded: remember each encoded sample
-    (small data trained for many epochs in one process; needs num_workers=0).
+    subset: input rows to use (None: all). keep_encoded: remember each sample, its encoding
+    and its row check (small data trained for many epochs in one process; needs
+    num_workers=0).
 
     shard_rows: per cache shard (or input piece), the rows used: the layout storage.plan
     orders. Refuses, before any step, a cache lacking the kinds, another vocabulary or
@@ -120,7 +121,10 @@ class StudentData(torch.utils.data.Dataset):
         self.samples, self.processor, self.cache = samples, processor, cache
         self.image_root, self.max_length, self.kinds = image_root, max_length, kinds
         self.pad_id, self.image_token_id = processor.tokenizer.pad_token_id, image_token_id(processor)
+        # keep_encoded: each sample, its encoding and its row check, once (small data, many epochs)
         self._encoded: dict[int, Encoded] | None = {} if keep_encoded else None
+        self._samples: dict[int, object] | None = {} if keep_encoded else None
+        self._checked: set[int] = set()
         n = len(samples)
         use = np.ones(n, dtype=bool) if subset is None else np.isin(np.arange(n), subset)
         if cache is None:
@@ -161,6 +165,13 @@ class StudentData(torch.utils.data.Dataset):
     def __getitems__(self, items) -> Batch:
         return self.batch(items)
 
+    def _sample(self, row: int):
+        if self._samples is None:
+            return self.samples[row]
+        if row not in self._samples:
+            self._samples[row] = self.samples[row]
+        return self._samples[row]
+
     def _encode(self, row: int, sample) -> Encoded:
         enc = self._encoded.get(row) if self._encoded is not None else None
         if enc is None:
@@ -173,15 +184,18 @@ class StudentData(torch.utils.data.Dataset):
         """The collated Batch of these items (in this order)."""
         items = np.asarray(items, dtype=np.int64)
         rows = self.cache.read_items(self._layout, items) if self.cache is not None else None
-        samples = [self.samples[r] for r in self.input_rows[items]]
+        samples = [self._sample(int(r)) for r in self.input_rows[items]]
         if self.samples.pairs:
             return self._pairs(items, samples, rows)
         encoded = [self._encode(int(r), s) for r, s in zip(self.input_rows[items], samples)]
         batch = Batch(**_tensors(encoded, self.pad_id), samples=samples)
         if rows is None:
             return batch
-        for i, enc in enumerate(encoded):
-            check_alignment(enc, rows.row(i), self.processor, self.kinds)
+        for i, (item, enc) in enumerate(zip(items.tolist(), encoded)):
+            if item not in self._checked:
+                check_alignment(enc, rows.row(i), self.processor, self.kinds)
+                if self._encoded is not None:  # kept encodings: a row checked once stays checked
+                    self._checked.add(item)
         mode = self.cache.manifest.mode
         for kind in ("response", "visual"):
             tb = getattr(rows, kind) if kind in self.kinds else None

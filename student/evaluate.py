@@ -7,7 +7,7 @@ decoding follows the reference as long as each argmax matches it (ties aside); i
 one forward instead of a generate loop. A test checks it against `generate`.
 
 KL to the teacher reads the teacher's targets from a cache of the same split (the teacher
-is not loaded): the per-token bucket KL of student.losses.sparse_forward_kl, a lower bound
+is not loaded): the per-token bucket forward KL (student.losses.topk_rows), a lower bound
 of the full-vocabulary KL that is exact up to the top-k coarsening. With `teacher`, the
 teacher is loaded (student/online.py) and full_kl_to_teacher is the exact forward KL over
 the whole shared vocabulary: the honest metric for comparing students trained from caches
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -27,10 +28,10 @@ from mmkd.common.inputs import SampleTable
 from mmkd.common.preprocess import image_token_id
 from mmkd.storage.reader import TeacherCache
 from mmkd.student.data import StudentData, check_student_vocab
-from mmkd.student.losses import dense_divergence, sparse_forward_kl
 from mmkd.student.model import load_model
 from mmkd.student.outputs import StudentOutputs
 from mmkd.student.targets import TopK
+from mmkd.student.terms import divergence_term
 
 
 def _answer(sample) -> str:
@@ -86,17 +87,24 @@ def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, ba
     items = np.arange(len(dataset))
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=lambda b: b)
+    kl_cfg = SimpleNamespace(divergence="forward_kl", kd_leftover="bucket")  # the metrics' divergence
     for batch in loader:
         batch = batch.to(device)
-        out = rows(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None)
-        logits, targets, sample_of_row = out["logits"], out["targets"], out["rows_sample"]
+        terms = []
+        if isinstance(batch.response, TopK):  # top-k caches; a sampled cache holds no log-probs to compare with
+            terms.append(divergence_term("kl", batch.response, kl_cfg))
+        if online is not None:
+            terms.append(divergence_term("full_kl", online.targets(batch)["response"], kl_cfg))
+        out = rows(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None,
+                   terms={"response": terms} if terms else None, argmax=True)
+        pred, targets, sample_of_row = out["argmax"], out["targets"], out["rows_sample"]
         n = len(batch.samples)
         first = torch.ones_like(sample_of_row, dtype=torch.bool)
         first[1:] = sample_of_row[1:] != sample_of_row[:-1]  # each sample's first answer token
         first_pred = torch.full((n,), -1, dtype=torch.long, device=device)
-        first_pred[sample_of_row[first]] = logits[first].argmax(-1)
+        first_pred[sample_of_row[first]] = pred[first]
         wrong = torch.zeros(n, dtype=torch.long, device=device)
-        wrong.index_add_(0, sample_of_row, (logits.argmax(-1) != targets).long())
+        wrong.index_add_(0, sample_of_row, (pred != targets).long())
         for j, sample in enumerate(batch.samples):
             ok = int(wrong[j] == 0)
             correct += ok
@@ -106,13 +114,11 @@ def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, ba
             if task == "exists" and _answer(sample) == "no":
                 absent += 1
                 said_yes += int(first_pred[j] == yes_id)
-        if isinstance(batch.response, TopK):
-            r = batch.response
-            kl = sparse_forward_kl(logits, r.ids, r.logprobs, r.leftover, "bucket")
-            kl_sum += kl.item() * len(targets)
+        if "kl" in out["values"]:
+            kl_sum += out["values"]["kl"].item() * len(targets)
             kl_tokens += len(targets)
-        if online is not None:
-            full_kl_sum += dense_divergence(logits, online.fill(batch).response.logits).item() * len(targets)
+        if "full_kl" in out["values"]:
+            full_kl_sum += out["values"]["full_kl"].item() * len(targets)
         tokens += len(targets)
     out = {
         "accuracy": correct / len(dataset),

@@ -7,8 +7,9 @@ predict the supervised tokens (shifted: logits at t-1 for the token at t); for v
 targets (MDist) the rows AT the visual positions (unshifted). The loss functions do not
 care which: the caller picks the rows (student.outputs.StudentOutputs).
 
-Sparse terms never build a second [N, V] fp32 tensor for the backward: rows are processed
-in chunks with activation checkpointing, so autograd keeps one chunk's log-softmax at a time.
+The functions here take logits; the trainer never builds [N, V] logits: it calls the
+fused head + loss of student.fused, which evaluates the same per-row functions
+(topk_rows, sampled_rows, dense_rows, ce_rows) chunk by chunk from the hidden states.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 LEFTOVER_MODES = ("bucket", "renormalize")
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
@@ -30,47 +30,91 @@ def cross_entropy(student_logits: torch.Tensor, targets: torch.Tensor) -> torch.
     return F.cross_entropy(student_logits.float(), targets)
 
 
-def _divergence(t_logp: torch.Tensor, s_logp: torch.Tensor, divergence: str) -> torch.Tensor:
-    """Summed divergence between row distributions given as log-probs over the same
-    outcomes (last dim)."""
+# --- token terms as functions of the student's log-probs at a few ids -----------------------
+#
+# Every token term reads the student only through s = log q at some ids per row (the target
+# for CE, the teacher's top-k, the sampled ids; every id for the dense divergence) and, in
+# bucket mode, s_rest = log q of the rest of the vocabulary. These per-row functions are the
+# one definition of each term: the fused head + loss (student.fused) evaluates them chunk by
+# chunk from the hidden states, the functions below from logits already at hand.
+
+
+def _rowwise(t_logp: torch.Tensor, s_logp: torch.Tensor, divergence: str) -> torch.Tensor:
+    """[N]: the divergence between each row's distributions, given as log-probs over the
+    same outcomes (last dim): forward KL(p || q), reverse KL(q || p), or JSD."""
     p, q = t_logp.exp(), s_logp.exp()
     if divergence == "forward_kl":
-        return (p * (t_logp - s_logp)).sum()
+        return (p * (t_logp - s_logp)).sum(-1)
     if divergence == "reverse_kl":
-        return (q * (s_logp - t_logp)).sum()
+        return (q * (s_logp - t_logp)).sum(-1)
     m = torch.logaddexp(t_logp, s_logp) - math.log(2.0)  # log of the mixture (p + q) / 2
-    return 0.5 * (p * (t_logp - m)).sum() + 0.5 * (q * (s_logp - m)).sum()
+    return 0.5 * (p * (t_logp - m)).sum(-1) + 0.5 * (q * (s_logp - m)).sum(-1)
 
 
-def _sparse_rows(logits: torch.Tensor, ids: torch.Tensor, t_logp: torch.Tensor, leftover: torch.Tensor,
-                 divergence: str, mode: str) -> torch.Tensor:
-    """Summed divergence of one chunk of rows (see sparse_divergence)."""
-    s_all = torch.log_softmax(logits.float(), dim=-1)
-    s_logp = s_all.gather(-1, ids)  # [n, k]
+def topk_rows(s: torch.Tensor, s_rest: torch.Tensor | None, t_logp: torch.Tensor, leftover: torch.Tensor,
+              divergence: str = "forward_kl", mode: str = "bucket") -> torch.Tensor:
+    """[N]: per row, the divergence between the teacher's cached top-k and the student (the
+    modes of sparse_divergence). s [N, k] float32: the student's log q at the top-k ids;
+    s_rest [N]: its log q of every other id (bucket mode; None when k = V, no rest)."""
     t_logp = t_logp.float()
     if mode == "renormalize":
         t_logp = t_logp - torch.logsumexp(t_logp, dim=-1, keepdim=True)
         if divergence == "forward_kl":  # a cross-entropy against the full student softmax
-            return (t_logp.exp() * (t_logp - s_logp)).sum()
-        s_logp = s_logp - torch.logsumexp(s_logp, dim=-1, keepdim=True)
-        return _divergence(t_logp, s_logp, divergence)
+            return (t_logp.exp() * (t_logp - s)).sum(-1)
+        return _rowwise(t_logp, s - torch.logsumexp(s, dim=-1, keepdim=True), divergence)
     # Bucket: k ids + one "rest" outcome. The cached values are quantised (storage.codec):
     # renormalise the teacher's k+1 outcomes so they form a distribution and a perfect
     # student scores 0, not +-codec error.
     log_r = torch.log(leftover.float().clamp_min(1e-30))[:, None]  # r = 0 -> log 1e-30, weight ~0
     t_all = torch.cat([t_logp, log_r], -1)
     t_all = t_all - torch.logsumexp(t_all, -1, keepdim=True)
-    if ids.shape[-1] >= logits.shape[-1]:
-        return _divergence(t_all[:, :-1], s_logp, divergence)  # top k = whole vocabulary: no rest
-    # Student's mass outside the teacher's top k, from logsumexp over the other entries,
-    # so it stays accurate (and differentiable) when it is tiny.
-    s_rest = torch.logsumexp(s_all.scatter(-1, ids, float("-inf")), dim=-1, keepdim=True)
-    return _divergence(t_all, torch.cat([s_logp, s_rest], -1), divergence)
+    if s_rest is None:
+        return _rowwise(t_all[:, :-1], s, divergence)  # top k = whole vocabulary: no rest
+    return _rowwise(t_all, torch.cat([s, s_rest[:, None]], -1), divergence)
+
+
+def sampled_rows(s: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """[N]: -sum_i p_hat_i log q_i with p_hat = counts / draws (Sparse Logit Sampling; see
+    sampled_kd). s [N, D]: the student's log q at the drawn ids."""
+    p_hat = counts.float() / counts.sum(-1, keepdim=True).clamp_min(1).float()
+    return -(p_hat * s).sum(-1)
+
+
+def dense_rows(s: torch.Tensor, teacher_logits: torch.Tensor, divergence: str = "forward_kl") -> torch.Tensor:
+    """[N]: the full-vocabulary divergence; s [N, V]: the student's log-softmax."""
+    return _rowwise(torch.log_softmax(teacher_logits.float(), -1), s, divergence)
+
+
+def ce_rows(s: torch.Tensor) -> torch.Tensor:
+    """[N]: -log q(target); s [N, 1]: the student's log q at the target."""
+    return -s[:, 0]
+
+
+def student_logprobs(logits: torch.Tensor, ids: torch.Tensor, rest: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(s [N, m] = log q at ids [N, m], s_rest [N] = log q of every other id, or None) from
+    the student's logits [N, V], in fp32. The rest is a logsumexp over the other entries, so
+    it stays accurate (and differentiable) when it is tiny."""
+    z = logits.float()
+    lse = torch.logsumexp(z, -1)
+    s = z.gather(-1, ids) - lse[:, None]
+    if not rest:
+        return s, None
+    return s, torch.logsumexp(z.scatter(-1, ids, float("-inf")), -1) - lse
+
+
+def _check(divergence: str, mode: str | None = None) -> None:
+    if mode is not None and mode not in LEFTOVER_MODES:
+        raise ValueError(f"leftover mode {mode!r}: choose one of {LEFTOVER_MODES}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence {divergence!r}: choose one of {DIVERGENCES}")
+
+
+def _mean(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return rows.mean() if rows.numel() else like.sum() * 0.0
 
 
 def sparse_divergence(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
-                      leftover: torch.Tensor, divergence: str = "forward_kl", mode: str = "bucket",
-                      chunk_rows: int = 1024) -> torch.Tensor:
+                      leftover: torch.Tensor, divergence: str = "forward_kl", mode: str = "bucket") -> torch.Tensor:
     """Divergence between the teacher's cached top-k and the student, mean over rows.
 
     p_i = exp(topk_logprobs[:, i]) are the teacher's top-k probabilities of ids topk_ids
@@ -91,47 +135,39 @@ def sparse_divergence(student_logits: torch.Tensor, topk_ids: torch.Tensor, topk
       the same k ids, q~_i = q_i / sum_j q_j.
     Every combination equals the dense full-vocabulary divergence when k = V.
 
-    Rows are processed in chunks of chunk_rows with activation checkpointing, so autograd
-    keeps no [N, V] fp32 log-softmax: peak extra memory is one chunk's.
+    From logits at hand; the trainer never builds them (student.fused computes the same
+    topk_rows from the hidden states, chunk by chunk).
     """
-    if mode not in LEFTOVER_MODES:
-        raise ValueError(f"leftover mode {mode!r}: choose one of {LEFTOVER_MODES}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence {divergence!r}: choose one of {DIVERGENCES}")
-    return _chunked(_sparse_rows, student_logits, (topk_ids, topk_logprobs, leftover), (divergence, mode),
-                    chunk_rows)
+    _check(divergence, mode)
+    rest = mode == "bucket" and topk_ids.shape[-1] < student_logits.shape[-1]
+    s, s_rest = student_logprobs(student_logits, topk_ids, rest)
+    return _mean(topk_rows(s, s_rest, topk_logprobs, leftover, divergence, mode), student_logits)
 
 
-def sparse_forward_kl(student_logits, topk_ids, topk_logprobs, leftover, mode: str = "bucket",
-                      chunk_rows: int = 1024) -> torch.Tensor:
+def sparse_forward_kl(student_logits, topk_ids, topk_logprobs, leftover, mode: str = "bucket") -> torch.Tensor:
     """Forward KL(teacher || student) on the cached top-k: sparse_divergence(..., "forward_kl")."""
-    return sparse_divergence(student_logits, topk_ids, topk_logprobs, leftover, "forward_kl", mode, chunk_rows)
+    return sparse_divergence(student_logits, topk_ids, topk_logprobs, leftover, "forward_kl", mode)
 
 
-def dense_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, divergence: str = "forward_kl",
-                     chunk_rows: int = 1024) -> torch.Tensor:
+def dense_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     divergence: str = "forward_kl") -> torch.Tensor:
     """Full-vocabulary divergence between teacher and student, mean over rows: what the
     online baseline (student.online, the teacher resident) trains on and what every cached
     term approximates; the honest "KL to the teacher" metric.
 
     student_logits, teacher_logits [N, V] at the same rows (the teacher's without grad);
     p = softmax(teacher_logits), q = softmax(student_logits); divergence as in
-    sparse_divergence. Chunked and checkpointed like the sparse terms.
+    sparse_divergence.
     """
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence {divergence!r}: choose one of {DIVERGENCES}")
+    _check(divergence)
     if teacher_logits.shape != student_logits.shape:
         raise ValueError(f"teacher logits {tuple(teacher_logits.shape)} and student logits "
                          f"{tuple(student_logits.shape)} differ: both must be [rows, shared vocabulary]")
-    return _chunked(_dense_rows, student_logits, (teacher_logits,), (divergence,), chunk_rows)
+    s = torch.log_softmax(student_logits.float(), -1)
+    return _mean(dense_rows(s, teacher_logits, divergence), student_logits)
 
 
-def _dense_rows(logits: torch.Tensor, t_logits: torch.Tensor, divergence: str) -> torch.Tensor:
-    return _divergence(torch.log_softmax(t_logits.float(), -1), torch.log_softmax(logits.float(), -1), divergence)
-
-
-def sampled_kd(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor,
-               chunk_rows: int = 1024) -> torch.Tensor:
+def sampled_kd(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """Distillation from sampled teacher ids (Sparse Logit Sampling), mean over rows.
 
     ids [N, D] were drawn from the teacher's distribution p with replacement, D times per
@@ -141,26 +177,8 @@ def sampled_kd(student_logits: torch.Tensor, ids: torch.Tensor, counts: torch.Te
     is an unbiased estimate of the cross-entropy H(p, q) = KL(p || q) + H(p): its gradient
     in the student's logits is, in expectation, the full-vocabulary forward KL's.
     """
-    return _chunked(_sampled_rows, student_logits, (ids, counts), (), chunk_rows)
-
-
-def _sampled_rows(logits: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    p_hat = counts.float() / counts.sum(-1, keepdim=True).clamp_min(1).float()
-    return -(p_hat * torch.log_softmax(logits.float(), dim=-1).gather(-1, ids)).sum()
-
-
-def _chunked(rows_fn, logits: torch.Tensor, row_args: tuple, extra: tuple, chunk_rows: int) -> torch.Tensor:
-    """Mean over rows of rows_fn(logits chunk, *row_args chunks, *extra) (a per-chunk sum),
-    checkpointing each chunk when a gradient is needed."""
-    n = logits.shape[0]
-    if n == 0:
-        return logits.sum() * 0.0
-    total = logits.new_zeros((), dtype=torch.float32)
-    grad = torch.is_grad_enabled() and logits.requires_grad
-    for s in range(0, n, chunk_rows):
-        args = (logits[s:s + chunk_rows], *(a[s:s + chunk_rows] for a in row_args), *extra)
-        total = total + (checkpoint(rows_fn, *args, use_reentrant=False) if grad else rows_fn(*args))
-    return total / n
+    s, _ = student_logprobs(student_logits, ids, rest=False)
+    return _mean(sampled_rows(s, counts), student_logits)
 
 
 # --- RDist: relations between visual tokens ------------------------------------------------
@@ -193,18 +211,14 @@ def relation_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], pool
 
 # --- preference distillation (teacher = reference model) -----------------------------------
 
-def sequence_logprobs(logits: torch.Tensor, targets: torch.Tensor, segment: torch.Tensor, num_segments: int,
-                      chunk_rows: int = 1024) -> torch.Tensor:
+def sequence_logprobs(token_logprobs: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
     """Summed log q(target) per segment: the log-probability of each answer.
 
-    logits [N, V] at the rows that predict targets [N] (shifted), segment [N] int64 the
-    answer each row belongs to (0..num_segments-1). Returns float32 [num_segments].
-    """
-    out = logits.new_zeros(num_segments, dtype=torch.float32)
-    for s in range(0, logits.shape[0], chunk_rows):
-        lp = torch.log_softmax(logits[s:s + chunk_rows].float(), -1).gather(-1, targets[s:s + chunk_rows, None])[:, 0]
-        out = out.index_add(0, segment[s:s + chunk_rows], lp)
-    return out
+    token_logprobs [N]: log q of the target at each of the N answer rows (student.fused.
+    token_logprobs from the hidden states, or student_logprobs from logits); segment [N]
+    int64 the answer each row belongs to (0..num_segments-1). Returns float32
+    [num_segments]."""
+    return token_logprobs.new_zeros(num_segments, dtype=torch.float32).index_add(0, segment, token_logprobs.float())
 
 
 def preference_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor, ref_chosen: torch.Tensor,

@@ -7,8 +7,8 @@ brings the old way back so that both can be compared on the same data, student a
 (benchmarks/bench_offline_online.py): the teacher runs on the student's own batch (the
 same token ids and images) and its logits are taken at exactly the rows the student's
 terms use (student.outputs.StudentOutputs runs on both models), so the KD terms become
-student.losses.dense_divergence (student.targets.Dense) instead of a cached approximation. The price: one teacher
-forward per step and the teacher's weights in memory on every rank.
+the full-vocabulary divergence (student.targets.Dense) instead of a cached approximation.
+The price: one teacher forward per step and the teacher's weights in memory on every rank.
 
 The teacher is any image-text-to-text folder student.model.load_model opens (a Hugging Face
 checkpoint, or an mmkd student); student/ does not import teacher_cache/.
@@ -65,16 +65,23 @@ class OnlineTeacher:
         self.rows = StudentOutputs(model, image_token_id(student_processor), self.vocab_size)
 
     @torch.no_grad()
-    def fill(self, batch: Batch, visual: bool = False, relation: bool = False) -> Batch:
+    def targets(self, batch: Batch, visual: bool = False, relation: bool = False) -> dict:
         """The teacher's targets for the student's batch, from one forward on it (the same
-        token ids and images), at exactly the student's rows: batch.response = Dense logits
-        [N, V] at the rows predicting the N supervised tokens; batch.visual = Dense [M, V] at
-        the M image tokens (visual); batch.relation = one raw teacher relation matrix [n, n]
-        per sample (relation). Returns the batch."""
-        out = self.rows(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None, visual, relation)
-        batch.response = Dense(out["logits"])
+        token ids and images), at exactly the student's rows: "response", Dense (its hidden
+        states at the rows predicting the N supervised tokens, and its head); "visual",
+        Dense at the M image tokens (visual); "relation", one raw teacher relation matrix
+        [n, n] per sample (relation)."""
+        out = self.rows(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None, relation=relation,
+                        hidden_rows=True)
+        got = {"response": Dense(out["hidden"]["response"], out["head"])}
         if visual:
-            batch.visual = Dense(out["visual_logits"])
+            got["visual"] = Dense(out["hidden"]["visual"], out["head"])
         if relation:
-            batch.relation = out["relations"]
+            got["relation"] = out["relations"]
+        return got
+
+    def fill(self, batch: Batch, visual: bool = False, relation: bool = False) -> Batch:
+        """The batch with the teacher's targets (targets()) in place of a cache's."""
+        for kind, value in self.targets(batch, visual, relation).items():
+            setattr(batch, kind, value)
         return batch

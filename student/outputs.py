@@ -2,28 +2,38 @@
 
 The rows are those of the teacher's extraction (common.heads: supervised_rows shifted,
 visual_rows unshifted), so the i-th student row meets the i-th cached target. The output
-head runs on those rows only, never on all [B, T] positions.
+head runs on those rows only, never on all [B, T] positions, and never builds their [N, V]
+logits at once (student.fused).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from mmkd.common.heads import head_gram, output_head, relation_matrix, supervised_rows, visual_rows
 from mmkd.common.preprocess import VISION_KEYS
+from mmkd.student.fused import TokenTerm, head_argmax, token_losses
+from mmkd.student.fused import token_logprobs as fused_token_logprobs
 
 
 class StudentOutputs(torch.nn.Module):
-    """Wraps a multimodal model: forward(...) -> dict of what the loss terms need; the output
-    head runs only on the rows they use (never on all [B, T] positions), over the cache's
-    shared vocabulary (vocab_size; None = every head row).
+    """Wraps a multimodal model: forward(...) -> dict of what the loss terms need. The output
+    head runs only on the rows they use, chunk by chunk (student.fused): no [N, V] logits,
+    over the cache's shared vocabulary (vocab_size; None = every head row).
 
-    logits [N, V]: at the rows that predict the N supervised tokens (shifted, t-1 for t),
-        row-major; targets [N] their token ids; rows_sample [N] the batch index of each.
-    visual_logits [M, V] (visual=True): AT the M image-token positions (unshifted), row-major.
-    relations (relation=True): per sample, R = Z Z^T [n, n] of the raw logits at its image
-        tokens, as H (W^T W) H^T (common.heads.relation_matrix; gradients reach H and W).
+    Rows: "response", the N rows that predict the supervised tokens (shifted, t-1 for t),
+    row-major; "visual", the M image-token positions (unshifted), row-major.
+
+    terms: {row set: [student.fused.TokenTerm]}: the token loss terms, computed with their
+        coefficients by the fused head + loss. Returned: loss (their weighted sum, to
+        backward), values {name: the term's mean over its rows} (detached).
+    Always returned: targets [N] the supervised token ids, rows_sample [N] the batch index
+        of each response row.
+    relation: relations, per sample R = Z Z^T [n, n] of the raw logits at its image tokens,
+        as H (W^T W) H^T (common.heads.relation_matrix; gradients reach H and W).
+    token_logprobs: token_logprobs [N], log q of each supervised token (differentiable).
+    argmax: argmax [N], the most probable id at each response row.
+    hidden_rows: hidden {row set: [rows, d]} and head (the online teacher's targets).
     vision: the batch's image inputs (pixel_values and the family's image_sizes /
         image_grid_thw, see common.preprocess.VISION_KEYS), or None for text-only batches.
     The head's weight is used only inside this forward: ZeRO-3 gathers it for this module's
@@ -36,17 +46,28 @@ class StudentOutputs(torch.nn.Module):
         self.image_token_id = image_token_id
         self.vocab_size = vocab_size
 
-    def forward(self, input_ids, attention_mask, labels, vision: dict | None = None, visual: bool = False,
-                relation: bool = False) -> dict:
+    def forward(self, input_ids, attention_mask, labels, vision: dict | None = None,
+                terms: dict[str, list[TokenTerm]] | None = None, relation: bool = False, token_logprobs: bool = False,
+                argmax: bool = False, hidden_rows: bool = False) -> dict:
         hidden = self.model.model(input_ids=input_ids, attention_mask=attention_mask, **(vision or {}),
                                   use_cache=False).last_hidden_state
         head = output_head(self.model, self.vocab_size)
         b, t = supervised_rows(labels)
-        out = {"logits": F.linear(hidden[b, t - 1], *head), "targets": labels[b, t], "rows_sample": b}
-        if visual or relation:
+        rows = {"response": hidden[b, t - 1]}
+        out = {"targets": labels[b, t], "rows_sample": b, "values": {}, "loss": hidden.new_zeros(())}
+        if relation or "visual" in (terms or {}) or hidden_rows:
             vb, vt = visual_rows(input_ids, attention_mask, self.image_token_id)
-        if visual:
-            out["visual_logits"] = F.linear(hidden[vb, vt], *head)
+            rows["visual"] = hidden[vb, vt]
+        for at, ts in (terms or {}).items():
+            total, values = token_losses(rows[at], head, ts)
+            out["loss"] = out["loss"] + total
+            out["values"].update(values)
+        if token_logprobs:
+            out["token_logprobs"] = fused_token_logprobs(rows["response"], head, out["targets"])
+        if argmax:
+            out["argmax"] = head_argmax(rows["response"], head)
+        if hidden_rows:
+            out["hidden"], out["head"] = rows, head
         if relation:
             gram = head_gram(head.weight)  # once per step, shared by the batch's samples
             out["relations"] = [relation_matrix(hidden[r, vt[vb == r]], head.weight, head.bias, gram)

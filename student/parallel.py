@@ -90,17 +90,19 @@ class StepMeans:
         self.rows, self.weights = rows, weights
         self.sums: dict[str, torch.Tensor] = {}  # this rank's share of each global value
 
-    def loss(self, i: int, terms: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The loss to backward for micro-batch i, from its terms (each the mean over the
-        micro-batch's rows); remembers the terms' shares of the logged global values."""
-        loss = 0.0
-        for name, value in terms.items():
+    def coefficients(self, i: int) -> dict[str, float]:
+        """Each weighted term's coefficient in micro-batch i's loss: weight x its global-batch
+        scale (terms that are not a mean over rows: weight x 1)."""
+        return {name: w * (self.scales[i][self.rows[name]] if name in self.rows else 1.0)
+                for name, w in self.weights.items()}
+
+    def record(self, i: int, values: dict[str, torch.Tensor]) -> None:
+        """Remember micro-batch i's term values (each the mean over its rows) as their
+        shares of the step's logged global values."""
+        for name, value in values.items():
             scale = self.scales[i][self.rows[name]] if name in self.rows else 1.0
-            if name in self.weights:
-                loss = loss + self.weights[name] * scale * value
             share = value.detach().double() * (scale / self.k)
             self.sums[name] = self.sums[name] + share if name in self.sums else share
-        return loss
 
     def logged(self) -> dict[str, float]:
         """The step's global term values (every rank gets the same; a collective) and

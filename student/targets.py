@@ -2,7 +2,7 @@
 
 A source produces them: the cache (student.data decodes rows into TopK or Sampled, in the
 loader's workers) or the online baseline (student.online runs the teacher on the batch and
-gives Dense logits, on the step's device). The loss terms (student.terms) read them by
+gives Dense targets, its hidden states and head, on the step's device). The loss terms (student.terms) read them by
 type, whatever the source, so the step never asks where a target came from.
 
 Rows: the targets of a token kind are in the order of the student's rows for that kind
@@ -38,9 +38,16 @@ class Sampled:
 
 @dataclass
 class Dense:
-    """The teacher's logits over the whole shared vocabulary: float [N, V] (online baseline)."""
+    """The teacher's whole distribution, as its final hidden states at the N rows [N, d_t]
+    and its output head (common.heads.Head over the shared vocabulary): the fused loss
+    builds its logits chunk by chunk, never [N, V] at once (online baseline)."""
 
-    logits: torch.Tensor
+    hidden: torch.Tensor
+    head: object  # common.heads.Head
+
+    def logits(self) -> torch.Tensor:
+        """[N, V] float32: the whole logits (small batches and tests only)."""
+        return torch.nn.functional.linear(self.hidden, *self.head).float()
 
 
 Targets = TopK | Sampled | Dense

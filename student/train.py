@@ -317,7 +317,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     rows = {t.name: terms.row_kind(t, cfg) for t in stage if terms.row_kind(t, cfg)}
     weights = {t.name: terms.weight_of(t, cfg) for t in stage if terms.weight_of(t, cfg) is not None}
     img = image_token_id(processor)
-    visual, relation = any(t.record == "visual" for t in stage), any(t.record == "relation" for t in stage)
+    visual = any(t.record == "visual" for t in stage)  # the online teacher's targets
+    needs = terms.outputs_needed(stage)
     step, micro_batches, t0, last = pos.step, 0, time.time() - pos.wall_s, {}
     for epoch in range(pos.epoch, cfg.epochs):
         consumed = pos.batch if epoch == pos.epoch else 0  # micro-batches of this epoch done before the checkpoint
@@ -329,10 +330,14 @@ def train(cfg: TrainConfig, log=print) -> dict:
             for i, batch in enumerate(group):
                 batch = batch.to(device, torch.bfloat16 if cfg.dtype == "bfloat16" else None)
                 if teacher is not None:
-                    teacher.fill(batch, visual, relation)
+                    teacher.fill(batch, visual, needs["relation"])
+                coefs = means.coefficients(i)
+                # the token terms run in the fused head + loss inside the forward (ZeRO-3: the head is whole there)
                 out = engine(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None,
-                             visual=visual, relation=relation)
-                engine.backward(means.loss(i, {t.name: t.loss(out, batch, cfg, model) for t in stage}))
+                             terms=terms.token_terms(stage, batch, cfg, coefs), **needs)
+                others = {t.name: t.loss(out, batch, cfg, model) for t in stage if t.loss is not None}
+                means.record(i, {**out["values"], **others})
+                engine.backward(out["loss"] + sum(coefs[n] * v for n, v in others.items() if n in coefs))
                 engine.step()
                 tokens += int(out["targets"].numel())
             micro_batches += len(group)

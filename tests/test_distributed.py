@@ -106,9 +106,12 @@ def test_zero3_equals_stage_0(base, reference, tmp_path, monkeypatch):
     want = load_file(Path(reference[1]["config"]["output_dir"]) / "model.safetensors")
     got = load_file(tmp_path / "model.safetensors")
     assert got.keys() == want.keys()
-    for name in want:  # atol: the attention key biases get a gradient that is 0 up to rounding
-        # (softmax ignores them), which Adam scales up to ~lr per step: they differ by ~3e-5
-        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=1e-4), name
+    for name in want:
+        # The attention key biases get a gradient that is 0 up to rounding (softmax ignores them), which
+        # Adam scales up to ~lr per step: they differ by rounding noise (measured 3e-5, and 1.3e-4 with the
+        # fused head, whose sums run in another order); every other parameter agrees within 5e-7.
+        tol = 3e-4 if name.endswith("k_proj.bias") else 1e-4
+        assert torch.allclose(got[name], want[name], rtol=1e-4, atol=tol), name
 
 
 # Each rank: `mmkd train --config` once per config file, in one process (start-up is most

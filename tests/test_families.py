@@ -160,14 +160,15 @@ def test_student_forward_scores_the_same_rows(checkpoint):
     vocab = len(proc.tokenizer)
     batch = {k: torch.from_numpy(v) for k, v in collate(_encode(proc), proc.tokenizer.pad_token_id).items()}
     out = StudentOutputs(model, image_token_id(proc), vocab)(batch["input_ids"], batch["attention_mask"],
-                                                            batch["labels"], vision_inputs(batch), visual=True)
+                                                            batch["labels"], vision_inputs(batch), hidden_rows=True)
+    logits = {at: torch.nn.functional.linear(h, *out["head"]) for at, h in out["hidden"].items()}
     full = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
     b, t = torch.nonzero(batch["labels"] != -100, as_tuple=True)
-    assert out["logits"].shape[1] == vocab
-    assert torch.allclose(out["logits"], full[b, t - 1, :vocab], atol=1e-5)
+    assert logits["response"].shape[1] == vocab
+    assert torch.allclose(logits["response"], full[b, t - 1, :vocab], atol=1e-5)
     vb, vt = torch.nonzero(batch["input_ids"] == image_token_id(proc), as_tuple=True)
-    assert torch.allclose(out["visual_logits"], full[vb, vt, :vocab], atol=1e-5)
-    out["visual_logits"].logsumexp(-1).mean().backward()
+    assert torch.allclose(logits["visual"], full[vb, vt, :vocab], atol=1e-5)
+    logits["visual"].logsumexp(-1).mean().backward()
     vision_grads = [p.grad for n, p in model.named_parameters() if "vision" in n or "visual" in n]
     assert vision_grads and any(g is not None and g.abs().sum() > 0 for g in vision_grads)
 

@@ -70,14 +70,14 @@ def reference(reference_cache):
 
 def _planned_around(cfg, manifest, sid):
     """The sample ids of the batches the pass plans before sample `sid`'s batch (longest
-    first, pipelines/batching.py), and of that batch itself."""
+    first, then shuffled: pipelines/batching.py), and of that batch itself."""
     from mmkd.common.inputs import read_inputs
     from mmkd.pipelines.batching import plan_batches, teacher_tokenizer
 
     plan = [{x.id for x in b} for b in plan_batches(read_inputs(cfg.inputs.data, image_root=cfg.inputs.image_root),
                                                     cfg.batch_size,
                                                      manifest.processor.get("num_visual_tokens") or 0,
-                                                     teacher_tokenizer(cfg.teacher))]
+                                                     teacher_tokenizer(cfg.teacher), shuffle_seed=cfg.seed)]
     at = next(i for i, b in enumerate(plan) if sid in b)
     return set().union(*plan[:at]), plan[at]
 

@@ -63,8 +63,8 @@ def test_online_targets_are_the_teachers_logits_at_the_students_rows(teacher_dir
     img = image_token_id(processor)
     rows = [(i, t) for i in range(len(enc)) for t in np.nonzero(enc[i].labels != -100)[0]]
     vis = [(i, t) for i in range(len(enc)) for t in np.nonzero(enc[i].input_ids == img)[0]]
-    assert torch.allclose(got.response.logits, torch.stack([logits[i, t - 1] for i, t in rows]), atol=1e-5)
-    assert torch.allclose(got.visual.logits, torch.stack([logits[i, t] for i, t in vis]), atol=1e-5)
+    assert torch.allclose(got.response.logits(), torch.stack([logits[i, t - 1] for i, t in rows]), atol=1e-5)
+    assert torch.allclose(got.visual.logits(), torch.stack([logits[i, t] for i, t in vis]), atol=1e-5)
     z = logits[0, [t for i, t in vis if i == 0]].double()
     assert torch.allclose(got.relation[0].double(), z @ z.T, rtol=1e-4, atol=1e-4)
 

@@ -219,9 +219,11 @@ def test_dense_student_loads_with_plain_transformers(run_dir, demo_dir):
         full = plain.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             pixel_values=batch["pixel_values"]).logits
         ours = StudentOutputs(load_model(str(folder)), image_token_id(processor))(
-            batch["input_ids"], batch["attention_mask"], batch["labels"], {"pixel_values": batch["pixel_values"]})
+            batch["input_ids"], batch["attention_mask"], batch["labels"], {"pixel_values": batch["pixel_values"]},
+            hidden_rows=True)
     b, t = torch.nonzero(batch["labels"] != -100, as_tuple=True)
-    torch.testing.assert_close(ours["logits"], full[b, t - 1], atol=1e-5, rtol=1e-5)
+    logits = torch.nn.functional.linear(ours["hidden"]["response"], *ours["head"])
+    torch.testing.assert_close(logits, full[b, t - 1], atol=1e-5, rtol=1e-5)
 
 
 def test_hallucination_rate_counts_absent_objects_answered_yes(run_dir, demo_dir, tmp_path):

@@ -51,6 +51,20 @@ def test_batches_group_similar_lengths_longest_first_and_are_deterministic(proce
         batch_blocks([["a"], ["b", "c"]], 2, num_workers=1)
 
 
+def test_shuffled_batches_keep_the_longest_first_and_a_short_last():
+    """The teacher pass's order: the longest batch first (a batch size too large fails at
+    once), the short last batch last (Ray blocks hold whole batches), the others in a
+    seeded random order (shards then mix lengths); the same batches as longest first."""
+    items = [_sample(i, 10 * i) for i in range(23)]
+    plain = plan_batches(items, 2)
+    mixed = plan_batches(items, 2, shuffle_seed=3)
+    ids = lambda bs: [[s.id for s in b] for b in bs]  # noqa: E731
+    assert ids(mixed)[0] == ids(plain)[0] and ids(mixed)[-1] == ids(plain)[-1] and len(mixed[-1]) == 1
+    assert sorted(ids(mixed)) == sorted(ids(plain)) and ids(mixed) != ids(plain)
+    assert ids(plan_batches(items, 2, shuffle_seed=3)) == ids(mixed) != ids(plan_batches(items, 2, shuffle_seed=4))
+    batch_blocks(ids(mixed), 2, num_workers=1)  # Ray's blocks accept it
+
+
 def test_progress_rates_eta_and_summary():
     assert eta_seconds(0, 100, 5.0) is None and eta_seconds(25, 100, 10.0) == 30.0
     assert [format_duration(s) for s in (None, 7, 73, 7300)] == ["?", "7s", "1m13s", "2h01m"]

@@ -161,6 +161,27 @@ def test_other_readers_see_the_same_rows(tmp_path):
     assert len(ours) == 9
 
 
+def test_a_shuffling_writer_permutes_rows_within_shards_only(tmp_path):
+    """shuffle_seed: each shard holds the rows it would hold anyway, in a seeded order;
+    values are untouched; the same seed gives the same shards."""
+    ids = [f"s{i:02d}" for i in range(20)]
+    data = rows(ids, kinds=("response", "visual"))
+    orders = []
+    for name, seed in (("a", 5), ("b", 5), ("c", None)):
+        w = CacheWriter(str(tmp_path / name), manifest(kinds=("response", "visual")), rows_per_shard=8,
+                        shuffle_seed=seed)
+        w.add(raw_table(data))
+        w.close(complete=True)
+        m = Manifest.load(str(tmp_path / name))
+        orders.append([s.sample_ids for s in m.shards])
+        got = TeacherCache(str(tmp_path / name)).rows()
+        assert sorted(got) == ids
+        for r in data:
+            assert np.array_equal(got[r.sample_id].response.positions, r.response.positions)
+    assert orders[0] == orders[1] and orders[0] != orders[2]
+    assert [sorted(s) for s in orders[0]] == [sorted(s) for s in orders[2]]
+
+
 # ------------------------------------------------------------------ streaming
 
 def test_stream_splits_ranks_evenly_and_resumes(tmp_path):
