@@ -104,9 +104,14 @@ def _chunk(z: torch.Tensor, terms: list[TokenTerm], a: int, b: int, n_total: int
     """One chunk of logits z [n, V] fp32: (the terms' loss sums [len(terms)] float64, dz
     [n, V] fp32, or None without grad). Two [n, V] tensors live at a time, z and q (which
     becomes dz), plus a dense term's own and the few rows of a tiny rest mass."""
-    lse = torch.logsumexp(z, -1, keepdim=True)
     sums = torch.zeros(len(terms), dtype=torch.float64, device=z.device)
-    q = (z - lse).exp_() if grad or any(t.rest and t.teacher is None for t in terms) else None
+    if grad or any(t.rest and t.teacher is None for t in terms):
+        # one softmax pass; lse from it at each row's largest logit, whose q >= 1 / V never underflows
+        top, at = z.max(-1, keepdim=True)
+        q = torch.softmax(z, -1)
+        lse = top - torch.log(q.gather(-1, at))
+    else:
+        q, lse = None, torch.logsumexp(z, -1, keepdim=True)
     row_coef = torch.zeros(z.shape[0], 1, device=z.device)  # multiplies q in dz
     scatters, adds = [], []  # (ids, values) added into dz at the ids; (row index or None, [., V]) added whole
     for i, t in enumerate(terms):
@@ -163,6 +168,21 @@ def _chunk(z: torch.Tensor, terms: list[TokenTerm], a: int, b: int, n_total: int
     return sums, dz
 
 
+def _accumulate(dz, h, weight, grad_h, grad_w, grad_b, a: int, b: int) -> None:
+    """grad_h[a:b] = dz W, grad_w += dz^T h, grad_b += the rows' sum of dz (those given),
+    the matmuls in the weight's dtype, the head's gradient accumulated in fp32."""
+    dzc = dz.to(weight.dtype)
+    if grad_h is not None:
+        torch.mm(dzc, weight, out=grad_h[a:b]) if grad_h.dtype == weight.dtype else grad_h[a:b].copy_(dzc @ weight)
+    if grad_w is not None:
+        if dzc.dtype == grad_w.dtype:
+            grad_w.addmm_(dzc.T, h)
+        else:
+            grad_w += (dzc.T @ h.to(weight.dtype)).float()
+    if grad_b is not None:
+        grad_b += dz.sum(0)
+
+
 class _FusedTokenLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, terms, chunk_rows):
@@ -182,13 +202,7 @@ class _FusedTokenLosses(torch.autograd.Function):
             sums += chunk_sums
             if dz is None:
                 continue
-            dzc = dz.to(weight.dtype)
-            if grad_h is not None:
-                grad_h[a:b] = dzc @ weight
-            if grad_w is not None:
-                grad_w += (dzc.T @ h.to(weight.dtype)).float()
-            if grad_b is not None:
-                grad_b += dz.sum(0)
+            _accumulate(dz, h, weight, grad_h, grad_w, grad_b, a, b)
         values = (sums / max(n, 1)).float()
         coefs = torch.tensor([t.coef for t in terms], dtype=torch.float32, device=values.device)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
@@ -243,13 +257,7 @@ class _TokenLogprobs(torch.autograd.Function):
             gc = g[a:a + ctx.step, None].float()
             dz = torch.softmax(_logits(h, weight, bias), -1).mul_(-gc)  # d log q_t / dz = onehot(t) - q
             dz.scatter_add_(-1, targets[a:a + ctx.step, None], gc)
-            dzc = dz.to(weight.dtype)
-            if grad_h is not None:
-                grad_h[a:a + ctx.step] = dzc @ weight
-            if grad_w is not None:
-                grad_w += (dzc.T @ h.to(weight.dtype)).float()
-            if grad_b is not None:
-                grad_b += dz.sum(0)
+            _accumulate(dz, h, weight, grad_h, grad_w, grad_b, a, a + ctx.step)
         return (grad_h, None if grad_w is None else grad_w.to(weight.dtype),
                 None if grad_b is None else grad_b.to(bias.dtype), None, None)
 

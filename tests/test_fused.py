@@ -266,3 +266,42 @@ def test_rows_with_tiny_and_ordinary_rest_masses_together(divergence):
     w[ids[0], 0] = 40.0  # rows with h = e_0: logit 40 at those 6 ids, ~0 elsewhere
     _check(h, w * 0.1 + w * 0.9 * (w == 40), None, "topk", ids=ids, t_logp=t_logp, leftover=left,
            divergence=divergence, mode="bucket")
+
+
+def test_tied_embeddings_get_both_gradients_through_the_students_forward():
+    """A causal LM whose head is its input embedding (tie_word_embeddings): CE + KD through
+    StudentOutputs' fused terms gives the embedding the gradient of the dense loss on the
+    model's own logits (both uses of the matrix)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from mmkd.student.outputs import StudentOutputs
+    from mmkd.student.targets import Batch, TopK
+    from mmkd.student.terms import ce_term, divergence_term
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True))
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    ids = torch.randint(0, 97, (3, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    n = int((labels != -100).sum())
+    t_ids, t_logp, left = _teacher_topk(torch.randn(n, 97, dtype=torch.float64) * 2, 8)
+    batch = Batch(ids, torch.ones_like(ids), labels, response=TopK(t_ids, t_logp, left))
+    cfg = type("Cfg", (), {"divergence": "forward_kl", "kd_leftover": "bucket"})()
+    b, t = torch.nonzero(labels != -100, as_tuple=True)
+    ce, kd = ce_term(labels[b, t]), divergence_term("kd", batch.response, cfg)
+    ce.coef, kd.coef = 1.0, 0.5
+    out = StudentOutputs(model, image_token_id=-1)(ids, batch.attention_mask, labels, terms={"response": [ce, kd]})
+    out["loss"].backward()
+    got = model.get_input_embeddings().weight.grad.clone()
+    model.zero_grad()
+    logits = model(input_ids=ids).logits[b, t - 1].double()
+    logq = torch.log_softmax(logits, -1)
+    s = logq.gather(-1, t_ids)
+    rest = torch.logsumexp(logits.scatter(-1, t_ids, float("-inf")), -1) - torch.logsumexp(logits, -1)
+    tt = torch.cat([t_logp.double(), torch.log(left.double())[:, None]], -1)
+    tt = tt - torch.logsumexp(tt, -1, keepdim=True)
+    kl = (tt.exp() * (tt - torch.cat([s, rest[:, None]], -1))).sum(-1).mean()
+    (-logq.gather(-1, labels[b, t][:, None]).mean() + 0.5 * kl).backward()
+    _close(got, model.get_input_embeddings().weight.grad, 1e-4)
