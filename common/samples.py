@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from PIL import Image
@@ -274,13 +276,18 @@ def read_preference(path: str | Path, id_column: str = "id", image_column: str =
     return pairs
 
 
+@lru_cache(maxsize=16)
+def _resolved_root(image_root: str) -> Path:
+    return Path(os.path.realpath(image_root))
+
+
 def resolve_image(image_root: str | Path, rel: str) -> Path:
     """The image's path inside image_root; refuses paths that escape the root: `../`
     components, absolute paths elsewhere, and symlinks inside the root that point out of
     it (the path is resolved, links followed, before the check)."""
-    root = Path(image_root).resolve()
-    p = (root / rel).resolve()
-    if root not in p.parents:
+    root = _resolved_root(str(image_root))
+    p = Path(os.path.realpath(root / rel))
+    if not p.is_relative_to(root) or p == root:
         raise SampleError(f"image path {rel!r} escapes the image root {root}; image paths must lie inside "
                           "--image-root (use a root that contains them all)")
     return p

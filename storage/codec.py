@@ -23,6 +23,8 @@ F with R ~= F F^T.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import numpy as np
 
 ZERO_CODE = 255  # probability 0 (log-prob -inf), e.g. the leftover when k = V
@@ -169,15 +171,22 @@ def encode_relation(r: np.ndarray, codec: str = "triangle-f16", rank: int = 64) 
     raise ValueError(f"relation codec {codec!r}: choose one of {RELATION_CODECS}")
 
 
+@lru_cache(maxsize=64)
+def _triangle(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n)
+
+
 def decode_relation(blob: bytes, n: int, codec: str = "triangle-f16") -> np.ndarray:
     """bytes -> the normalised [n, n] float32 matrix."""
     vals = np.frombuffer(blob, dtype="<f2").astype(np.float32)
     if codec == "triangle-f16":
         if len(vals) != n * (n + 1) // 2:
             raise ValueError(f"relation blob holds {len(vals)} values, expected {n * (n + 1) // 2} for n={n}")
-        out = np.zeros((n, n), dtype=np.float32)
-        out[np.triu_indices(n)] = vals
-        return out + np.triu(out, 1).T
+        rows, cols = _triangle(n)
+        out = np.empty((n, n), dtype=np.float32)
+        out[rows, cols] = vals
+        out[cols, rows] = vals
+        return out
     if codec == "lowrank-f16":
         if n == 0 or len(vals) % n:
             raise ValueError(f"relation blob of {len(vals)} values is not a factor with {n} rows")

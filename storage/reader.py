@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from mmkd.storage.fs import join, open_fs
 from mmkd.storage.manifest import Manifest, ShardInfo
-from mmkd.storage.schema import STORED_SCHEMA, CacheError, CacheRow, RowBatch
+from mmkd.storage.schema import STORED_SCHEMA, TOKEN_KINDS, CacheError, CacheRow, RowBatch
 from mmkd.storage.plan import EpochPlan
 from mmkd.storage.tables import VOCAB_ORDER_KEY, decode_batch, decode_codes, unpack_order
 from mmkd.storage.writer import ROW_GROUP_ROWS, sha256_bytes
@@ -51,6 +51,7 @@ class TeacherCache:
     def __init__(self, path: str, check: bool = True, keep_row_groups: int = 16):
         self.path = str(path)
         self.keep_row_groups = keep_row_groups  # row groups kept decoded for read_items (most recent)
+        self.read_kinds: tuple[str, ...] | None = None  # the record kinds read_items decodes (None: all)
         self._footers: dict[int, pq.ParquetFile] = {}
         self._orders: dict[int, np.ndarray] = {}
         self._groups: dict[tuple[int, int], RowBatch] = {}
@@ -198,6 +199,21 @@ class TeacherCache:
             self._orders.pop(old, None)
         return f
 
+    def _columns(self) -> list[str] | None:
+        """The stored columns read_items reads: all, or those of read_kinds."""
+        if self.read_kinds is None:
+            return None
+        cols = ["sample_id", "token_digest", "input_ids"]
+        for kind in self.read_kinds:
+            if kind in TOKEN_KINDS:
+                cols += [f.name for f in STORED_SCHEMA if f.name.startswith(f"{kind}_")]
+            elif kind == "relation":
+                cols += ["relation", "relation_size"]
+            elif kind == "preference":
+                cols += ["chosen_logprob", "rejected_logprob", "chosen_token_logprobs", "rejected_token_logprobs",
+                         "rejected_token_digest"]
+        return cols
+
     def __getstate__(self) -> dict:
         # what goes to a loader worker: the open files and the row groups read stay behind
         return {**self.__dict__, "_footers": {}, "_orders": {}, "_groups": {}, "_starts": {}}
@@ -210,7 +226,7 @@ class TeacherCache:
             return self._groups[key]
         path = self.shard_path(self.manifest.shards[shard])
         try:
-            table = self._footer(shard).read_row_group(group)
+            table = self._footer(shard).read_row_group(group, columns=self._columns())
         except (OSError, pa.ArrowException) as e:
             raise CacheError(f"{path}: unreadable Parquet ({e}); run `mmkd cache verify`") from e
         try:

@@ -84,6 +84,8 @@ def _binary_array(flat: np.ndarray, lengths: np.ndarray) -> pa.Array:
 
 
 def _present(table: pa.Table, name: str) -> bool:
+    if name not in table.column_names:  # not read (a reader asked for some record kinds only)
+        return False
     col = table.column(name)
     nulls = col.null_count
     if 0 < nulls < table.num_rows:

@@ -138,6 +138,7 @@ class StudentData(torch.utils.data.Dataset):
                                  "run the teacher pass with --records preference on the pairs file")
             if not samples.pairs:
                 check_cache_compatible(cache, processor, kinds)
+            cache.read_kinds = ("preference",) if samples.pairs else tuple(kinds)  # decode no other record kind
             rows = [samples.rows_of(s.sample_ids) for s in cache.manifest.shards]
             self.shard_rows = [np.flatnonzero((r >= 0) & use[np.maximum(r, 0)]) for r in rows]
             self.input_rows = np.concatenate([r[k] for r, k in zip(rows, self.shard_rows)]) if rows else \

@@ -220,7 +220,10 @@ def setup_data(cfg: TrainConfig, processor, rank: int, world: int) -> Data:
     plan = EpochPlan(dataset.shard_rows, streams, cfg.seed, cfg.shuffle_window, ROW_GROUP_ROWS)
     mine = len(plan.rank_streams(rank, world))  # refuses streams that do not split over the ranks
     if cache is not None:  # the row groups of one shuffle window per stream stay in the reader (storage/plan.py)
-        cache.keep_row_groups = max(cache.keep_row_groups, mine * (cfg.shuffle_window // ROW_GROUP_ROWS + 2))
+        groups = sum(-(-s.rows // ROW_GROUP_ROWS) for s in cache.manifest.shards)
+        per_group = max(1.0, len(dataset) / max(1, groups))  # rows used per row group (fewer with a subset)
+        cache.keep_row_groups = min(groups, max(cache.keep_row_groups,
+                                                mine * (int(cfg.shuffle_window / per_group) + 2)))
     micro = plan.num_micro_batches(world, cfg.batch_size)
     if micro < cfg.grad_accum:
         raise ValueError(f"{len(dataset)} items give {micro} micro-batches of {cfg.batch_size} per rank, fewer than "
