@@ -28,6 +28,11 @@ class ShardInfo:
     sha256: str
     sample_ids: list[str]
     targets: int = 0  # response + visual target positions in the shard
+    # Checked on every read (storage.reader): the sha256 of the shard's Parquet footer (schema,
+    # offsets, the vocabulary order), and whether its data pages carry CRC checksums. Shards
+    # written before 2026-12 have neither; only `mmkd cache verify` (whole-file sha256) checks them.
+    footer_sha256: str | None = None
+    page_checksums: bool = False
 
 
 @dataclass

@@ -12,7 +12,6 @@ import uuid
 from datetime import datetime, timezone
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from mmkd.storage.manifest import Manifest
 from mmkd.storage.reader import TeacherCache
@@ -49,7 +48,7 @@ def merge_caches(inputs: list[str], output: str) -> Manifest:
     writer = CacheWriter(output, out)
     for c in caches:
         for s in c.manifest.shards:
-            writer.commit_bytes(c.fs.cat_file(c.shard_path(s)), list(s.sample_ids), s.targets)
+            writer.commit_bytes(c.read_verified(s), list(s.sample_ids), s.targets, s.page_checksums)
     return writer.close(complete=all(c.manifest.complete for c in caches))
 
 
@@ -66,10 +65,9 @@ def subset_cache(source: str, output: str, sample_ids: list[str]) -> Manifest:
     for s in cache.manifest.shards:
         keep = [i for i, sid in enumerate(s.sample_ids) if sid in wanted]
         if len(keep) == s.rows:
-            writer.commit_bytes(cache.fs.cat_file(cache.shard_path(s)), list(s.sample_ids), s.targets)
+            writer.commit_bytes(cache.read_verified(s), list(s.sample_ids), s.targets, s.page_checksums)
         elif keep:
-            with cache.fs.open(cache.shard_path(s), "rb") as f:
-                table = pq.read_table(f)  # the footer's vocabulary order stays with the rows
+            table = cache.read_shard(s)  # the footer's vocabulary order stays with the rows
             part = table.take(pa.array(keep))
             writer.commit_stored(part)
     return writer.close(complete=True)

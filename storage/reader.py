@@ -10,6 +10,7 @@ rows one by one for readers outside mmkd's trainer.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -52,6 +53,7 @@ class TeacherCache:
         self.path = str(path)
         self.keep_row_groups = keep_row_groups  # row groups kept decoded for read_items (most recent)
         self.read_kinds: tuple[str, ...] | None = None  # the record kinds read_items decodes (None: all)
+        self._noted = False  # the one-time note about shards without checksums
         self._footers: dict[int, pq.ParquetFile] = {}
         self._orders: dict[int, np.ndarray] = {}
         self._groups: dict[tuple[int, int], RowBatch] = {}
@@ -89,32 +91,79 @@ class TeacherCache:
 
     # ------------------------------------------------------------ shard access
 
+    def damaged(self, s: ShardInfo, what: str) -> CacheError:
+        """The error for a shard found damaged on read: which shard, what failed, the fixes."""
+        return CacheError(f"{self.shard_path(s)}: {what}; the shard is damaged or was replaced. Nothing of it was "
+                          "used: run `mmkd cache verify` to list the damaged shards, then restore them from a copy "
+                          "of the cache, or write a cache without them (`mmkd cache subset`) and re-run the teacher "
+                          "pass on their samples")
+
+    def _footer_bytes(self, s: ShardInfo, data: bytes | None) -> bytes:
+        if data is not None:
+            tail = data[-8:]
+            n = int.from_bytes(tail[:4], "little")
+            return data[-8 - n:-8]
+        with self.fs.open(self.shard_path(s), "rb") as f:
+            f.seek(-8, 2)
+            n = int.from_bytes(f.read(4), "little")
+            if n > s.bytes - 12:
+                raise self.damaged(s, f"the footer length ({n} bytes) exceeds the file")
+            f.seek(-8 - n, 2)
+            return f.read(n)
+
     def _parquet(self, s: ShardInfo, data: bytes | None = None) -> pq.ParquetFile:
+        """The shard opened for reading, its footer checked against the manifest's sha256 and
+        its pages set to be checked against their CRCs as they are read (shards written with
+        them; older shards: only verify() can check them)."""
         path = self.shard_path(s)
+        if s.footer_sha256 is not None:
+            try:
+                footer = self._footer_bytes(s, data)
+            except OSError as e:
+                raise self.damaged(s, f"cannot read its footer ({e})") from e
+            if sha256_bytes(footer) != s.footer_sha256:
+                raise self.damaged(s, "its Parquet footer (schema, offsets, vocabulary order) does not match the "
+                                      "manifest's checksum")
+        elif not self._noted:
+            self._noted = True
+            warnings.warn(f"{self.path}: written before shards carried checksums; reading does not check its "
+                          "contents: run `mmkd cache verify` on it (whole-file sha256)", stacklevel=3)
         try:
             src = pa.BufferReader(data) if data is not None else self.fs.open(path, "rb")
-            f = pq.ParquetFile(src)
+            f = pq.ParquetFile(src, page_checksum_verification=s.page_checksums)
         except (OSError, pa.ArrowException) as e:
-            raise CacheError(f"{path}: unreadable Parquet ({e}); run `mmkd cache verify`") from e
+            raise self.damaged(s, f"unreadable Parquet ({e})") from e
         problem = schema_problem(f.schema_arrow)
         if problem:
             raise CacheError(f"{path}: {problem} (cache schema {self.manifest.schema_version}); the shard was not "
                              "written by this format version or was modified")
         if f.metadata.num_rows != s.rows:
-            raise CacheError(f"{path}: {f.metadata.num_rows} rows, the manifest says {s.rows}")
+            raise self.damaged(s, f"{f.metadata.num_rows} rows, the manifest says {s.rows}")
         return f
 
-    def vocab_order(self, f: pq.ParquetFile) -> np.ndarray:
+    def vocab_order(self, f: pq.ParquetFile, s: ShardInfo | None = None) -> np.ndarray:
         meta = f.schema_arrow.metadata or {}
-        return unpack_order(meta.get(VOCAB_ORDER_KEY))
+        try:
+            return unpack_order(meta.get(VOCAB_ORDER_KEY))
+        except Exception as e:  # noqa: BLE001 - base64 / zstd / length errors of a damaged footer value
+            raise (self.damaged(s, f"its vocabulary order does not decode ({e})") if s is not None
+                   else CacheError(f"vocabulary order does not decode ({e})")) from e
 
     def read_shard(self, s: ShardInfo, columns: list[str] | None = None) -> pa.Table:
-        """One shard's stored (encoded) rows."""
+        """One shard's stored (encoded) rows (pages checked against their CRCs)."""
         f = self._parquet(s)
         try:
             return f.read(columns=columns)
         except (OSError, pa.ArrowException) as e:
-            raise CacheError(f"{self.shard_path(s)}: unreadable Parquet ({e}); run `mmkd cache verify`") from e
+            raise self.damaged(s, f"unreadable Parquet ({e})") from e
+
+    def read_verified(self, s: ShardInfo) -> bytes:
+        """The shard's bytes, checked against the manifest's sha256 (merge and subset copy
+        shards as they are)."""
+        data = self.fs.cat_file(self.shard_path(s))
+        if sha256_bytes(data) != s.sha256:
+            raise self.damaged(s, "its sha256 does not match the manifest")
+        return data
 
     def decode(self, table: pa.Table, order: np.ndarray, where: str = "") -> list[CacheRow]:
         return self.decode_batch(table, order, where).rows()
@@ -122,14 +171,18 @@ class TeacherCache:
     def decode_batch(self, table: pa.Table, order: np.ndarray, where: str = "") -> RowBatch:
         try:
             return decode_batch(table, order, self.settings)
-        except (CacheError, ValueError, IndexError) as e:
+        except (CacheError, ValueError, IndexError, TypeError, OverflowError) as e:
             raise CacheError(f"{where}: {e}; run `mmkd cache verify`") from e
 
     def iter_rows(self) -> Iterator[CacheRow]:
         """Every row, shard by shard in manifest order (one shard in memory at a time)."""
         for s in self.manifest.shards:
             f = self._parquet(s)
-            yield from self.decode(f.read(), self.vocab_order(f), self.shard_path(s))
+            try:
+                table = f.read()
+            except (OSError, pa.ArrowException) as e:
+                raise self.damaged(s, f"unreadable Parquet ({e})") from e
+            yield from self.decode(table, self.vocab_order(f, s), self.shard_path(s))
 
     def rows(self) -> dict[str, CacheRow]:
         """Every row decoded, keyed by sample id (small caches: tests and tools; trainers
@@ -191,7 +244,7 @@ class TeacherCache:
         f = self._footers.pop(shard, None)
         if f is None:
             f = self._parquet(self.manifest.shards[shard])
-            self._orders[shard] = self.vocab_order(f)
+            self._orders[shard] = self.vocab_order(f, self.manifest.shards[shard])
         self._footers[shard] = f  # most recently used last
         while len(self._footers) > 64:
             old = next(iter(self._footers))
@@ -224,15 +277,15 @@ class TeacherCache:
         if key in self._groups:
             self._groups[key] = self._groups.pop(key)  # most recently used last
             return self._groups[key]
-        path = self.shard_path(self.manifest.shards[shard])
+        info = self.manifest.shards[shard]
         try:
             table = self._footer(shard).read_row_group(group, columns=self._columns())
         except (OSError, pa.ArrowException) as e:
-            raise CacheError(f"{path}: unreadable Parquet ({e}); run `mmkd cache verify`") from e
+            raise self.damaged(info, f"unreadable Parquet ({e})") from e
         try:
             rows = decode_batch(table, self._orders[shard], self.settings, codes=True)
-        except (CacheError, ValueError, IndexError) as e:
-            raise CacheError(f"{path}: {e}; run `mmkd cache verify`") from e
+        except (CacheError, ValueError, IndexError, TypeError, OverflowError) as e:
+            raise self.damaged(info, f"row group {group} does not decode ({e})") from e
         self._groups[key] = rows
         while len(self._groups) > self.keep_row_groups:
             self._groups.pop(next(iter(self._groups)))
@@ -261,7 +314,7 @@ class TeacherCache:
                 table = f.read()
                 if table.column("sample_id").to_pylist() != s.sample_ids:
                     problems.append(f"{path}: sample ids differ from the manifest's list")
-                self.decode(table, self.vocab_order(f), path)
+                self.decode(table, self.vocab_order(f, s), path)
             except CacheError as e:
                 problems.append(str(e))
                 continue

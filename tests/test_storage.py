@@ -16,7 +16,7 @@ from mmkd.storage.ops import merge_caches, subset_cache
 from mmkd.storage.reader import TeacherCache
 from mmkd.storage.schema import CacheError
 from mmkd.storage.tables import raw_table
-from mmkd.storage.writer import CacheWriter
+from mmkd.storage.writer import CacheWriter, footer_sha256
 
 from helpers import assert_topk_close, manifest, rows, write
 
@@ -327,6 +327,7 @@ def test_wrong_column_type_is_named(tmp_path):
     pq.write_table(t, tmp_path / s.file)
     data = (tmp_path / s.file).read_bytes()
     s.bytes, s.sha256 = len(data), hashlib.sha256(data).hexdigest()  # a consistent manifest, a wrong shard
+    s.footer_sha256 = footer_sha256(data)
     m.save(str(tmp_path))
     with pytest.raises(CacheError, match=f"{s.file}.*input_ids has type list<[a-z]*: int64>"):
         TeacherCache(str(tmp_path)).rows()
