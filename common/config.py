@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,7 +26,103 @@ import yaml
 
 
 class ConfigError(ValueError):
-    pass
+    """A setting that cannot be honoured; the message names the flag, the value and what is
+    allowed (the CLI prints it as one line and exits 2)."""
+
+
+def _get(cfg, name: str):
+    for part in name.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def refuse(name: str, value, allowed: str) -> ConfigError:
+    """The error for field `name` (dotted; an inline group's prefix is no part of the flag)."""
+    flag = name.removeprefix("inputs.")  # InputsConfig is inline in every config
+    return ConfigError(f"--{flag.replace('_', '-')} {value!r}: {allowed}")
+
+
+def need_at_least(cfg, minimum, *names: str) -> None:
+    """Each named (dotted) field is a number >= minimum."""
+    for name in names:
+        v = _get(cfg, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v >= minimum):
+            raise refuse(name, v, f"use a number >= {minimum}")
+
+
+def need_positive(cfg, *names: str) -> None:
+    """Each named field is a finite number > 0."""
+    for name in names:
+        v = _get(cfg, name)
+        if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+            raise refuse(name, v, "use a finite number > 0")
+
+
+def need_between(cfg, name: str, lo: float, hi: float, hi_open: bool = False) -> None:
+    v = _get(cfg, name)
+    if not (isinstance(v, (int, float)) and math.isfinite(v) and lo <= v and (v < hi if hi_open else v <= hi)):
+        raise refuse(name, v, f"use a number in [{lo}, {hi}{')' if hi_open else ']'}")
+
+
+def need_choice(cfg, name: str, choices) -> None:
+    v = _get(cfg, name)
+    if v not in choices:
+        raise refuse(name, v, f"choose one of {', '.join(map(str, choices))}")
+
+
+def looks_like_hub_id(value: str) -> bool:
+    """'org/name' (optionally with a revision '@rev'): a Hugging Face Hub repository id."""
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+(@[\w./-]+)?", value)) and not value.startswith(("/", "."))
+
+
+def need_model(cfg, name: str, what: str, hub: bool = True) -> None:
+    """The field names a model or processor folder that exists (with config.json or a
+    processor file), or, with hub, a Hub id; refused with the fix otherwise."""
+    v = _get(cfg, name)
+    p = Path(str(v))
+    if not v:
+        raise refuse(name, v, f"set the {what} (a local folder{' or a Hub id' if hub else ''})")
+    if p.is_dir():
+        if not any((p / f).exists() for f in ("config.json", "preprocessor_config.json", "processor_config.json",
+                                              "tokenizer_config.json")):
+            raise refuse(name, v, f"{p} is a folder but holds no Hugging Face {what} (no config.json / "
+                                  "tokenizer_config.json)")
+        return
+    if p.exists():
+        raise refuse(name, v, f"{p} is a file; the {what} is a folder")
+    if not (hub and looks_like_hub_id(str(v))):
+        raise refuse(name, v, f"not found: no such folder{' (and not a Hub id org/name)' if hub else ''}")
+    if not _hub_reachable(str(v)):
+        raise refuse(name, v, "not found: no such folder, and the Hub is offline (HF_HUB_OFFLINE) with no copy of "
+                              "that repository in the local Hugging Face cache")
+
+
+def _hub_reachable(repo: str) -> bool:
+    """Whether a Hub id can be loaded here: online, or in the local Hugging Face cache."""
+    from huggingface_hub import constants, snapshot_download
+
+    if not constants.HF_HUB_OFFLINE:
+        return True
+    try:
+        snapshot_download(repo.split("@")[0], revision=repo.split("@")[1] if "@" in repo else None,
+                          local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - any miss of the local cache
+        return False
+
+
+def need_path(cfg, name: str, what: str, required: bool = True) -> None:
+    """The field names an existing file, folder or glob (an fsspec URL passes as it is)."""
+    v = _get(cfg, name)
+    if not v:
+        if required:
+            raise refuse(name, v, f"set the {what}")
+        return
+    s = str(v)
+    if "://" in s or any(c in s for c in "*?["):
+        return
+    if not Path(s).exists():
+        raise refuse(name, v, f"not found: no such {what}")
 
 
 @dataclasses.dataclass
@@ -122,7 +220,10 @@ def from_dict(cls, data: dict, where: str = ""):
             kwargs[f.name] = from_dict(tp, data[f.name], key + ".")
         else:
             kwargs[f.name] = _coerce(data[f.name], tp, key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:  # a config's own checks (e.g. MoEConfig's) name their field
+        raise ConfigError(f"{where or cls.__name__ + ': '}{e}") from e
 
 
 def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:

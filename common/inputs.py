@@ -376,7 +376,10 @@ def load_image(image_root: str | Path, sample: Sample) -> Image.Image | None:
     if image_root is None or str(image_root) == "":
         raise SampleError(f"sample {sample.id}: its image {sample.image!r} is a file path but no image root was "
                           "given; set --image-root to the folder the paths are relative to")
-    path = resolve_image(image_root, sample.image)
+    try:
+        path = resolve_image(image_root, sample.image)
+    except SampleError as e:  # every bad-sample reason starts with the sample
+        raise SampleError(f"sample {sample.id}: {e}") from e
     try:
         with Image.open(path) as im:
             return im.convert("RGB")

@@ -129,7 +129,8 @@ def _record_key(r, where: str) -> str:
 def _read_records(path: Path, id_column: str, image_column: str, errors: list | None = None) -> list[tuple[str, dict]]:
     """(where, record) for the records of a .json list or .jsonl file, with the id / image
     keys renamed to "id" / "image" (image_column "" = the records have no image); where is
-    "path#i" (the i-th record).
+    "path:N" for the record on line N of a .jsonl file, "path#i" for the i-th (from 0) of a
+    .json list.
 
     errors: None refuses the file at its first bad record (SampleError); a list receives
     (key, reason) for each bad JSONL line (not UTF-8, not JSON, not an object) or record
@@ -137,12 +138,11 @@ def _read_records(path: Path, id_column: str, image_column: str, errors: list | 
     refused either way (one document: nothing to keep)."""
     what = "JSON Lines" if path.suffix == ".jsonl" else "JSON"
     if path.suffix == ".jsonl":
-        records, i = [], -1
+        records = []
         for lineno, raw in enumerate(path.read_bytes().split(b"\n"), 1):
             if not raw.strip():
                 continue
-            i += 1  # the record's index: non-blank lines counted from 0
-            where = f"{path}#{i}"
+            where = f"{path}:{lineno}"  # JSON Lines: a record is named by its (1-based) line, as broken lines are
             try:
                 r = json.loads(raw.decode("utf-8"))
             except UnicodeDecodeError as e:

@@ -50,11 +50,12 @@ def cmd_recipe(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from mmkd.student.evaluate import EvalConfig, evaluate
+    from mmkd.student.evaluate import EvalConfig, check_config, evaluate
     from mmkd.student.plot import EVAL_NAME
 
     cfg = _config(args, EvalConfig)
     _require(cfg, "model", "data")
+    check_config(cfg)
     metrics = evaluate(cfg.model, cfg.inputs, cfg.cache, cfg.batch_size, cfg.max_length, teacher=cfg.teacher)
     text = json.dumps({"model": cfg.model, "data": cfg.inputs.data, "cache": cfg.cache, **metrics}, indent=1)
     print(text)
@@ -135,13 +136,13 @@ def cmd_cache_subset(args) -> int:
 
 
 def _require(cfg, *names) -> None:
-    from mmkd.common.config import to_dict
+    from mmkd.common.config import ConfigError, to_dict
 
     values = to_dict(cfg)
     missing = [n for n in names if not values[n]]
     if missing:
-        raise SystemExit("missing required setting(s): " + ", ".join("--" + n.replace("_", "-") for n in missing)
-                         + " (flags or the --config YAML)")
+        raise ConfigError("missing required setting(s): " + ", ".join("--" + n.replace("_", "-") for n in missing)
+                          + " (flags or the --config YAML)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,8 +5,9 @@ object a line: ``{"id", "kind", "reason", "time"}``) while the pass goes on:
 
 - ``read``: the record itself is malformed (no id, empty conversation, wrong number of
   ``<image>`` placeholders, a JSONL line that is not UTF-8 or not JSON...); found by the
-  reader on the driver (common.inputs.read_inputs with an ``errors`` list). The id is
-  ``file#row`` (``file:line N`` for a broken JSONL line) when the record has none.
+  reader on the driver (common.inputs.read_inputs with an ``errors`` list). When the record
+  has no id it is named by where it is: ``file:N`` for line N of a JSONL file (1-based, broken
+  lines alike), ``file#i`` for the i-th record (from 0) of a JSON list or data set.
 - ``encode``: the worker cannot build the sample's sequence (missing or corrupt image,
   longer than max_length, no supervised token): encode_each catches the SampleError of
   that one sample, the teacher runs on the others, and the worker returns the bad ones as

@@ -13,10 +13,14 @@ command resumes: samples already committed are skipped (docs/architecture.md, in
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from dataclasses import dataclass
 
-from mmkd.common.config import InputsConfig, inline
+from mmkd.common.config import (ConfigError, InputsConfig, inline, need_at_least, need_between, need_choice, need_model,
+                                need_path, need_positive, refuse)
+from mmkd.common.heads import DTYPES
 from mmkd.common.inputs import read_config_inputs
 from mmkd.common.preprocess import image_token_count
 from mmkd.pipelines.batching import batch_blocks, estimated_tokens, plan_batches, teacher_tokenizer
@@ -84,16 +88,14 @@ def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
     head_size = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code
                                            ).get_text_config().vocab_size
     vocab = shared_vocab_size(processor, head_size)
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode {cfg.mode!r}: choose one of {MODES}")
     kinds = parse_records(cfg.records)
     check_backend(cfg.backend)
     if cfg.backend == "vllm":  # refuse what vLLM cannot give before any actor starts
         check_settings(cfg.mode, kinds, cfg.temperature)
     if cfg.mode == "topk" and cfg.k > vocab and kinds != ["preference"]:
-        raise ValueError(f"k={cfg.k} is larger than the teacher's vocabulary ({vocab})")
+        raise refuse("k", cfg.k, f"at most the teacher's vocabulary ({vocab} ids)")
     if cfg.mode == "sampled" and not 1 <= cfg.draws <= 255:
-        raise ValueError(f"draws={cfg.draws}: use 1 to 255 draws per position")
+        raise refuse("draws", cfg.draws, "use 1 to 255 draws per position")
     width = {"k": cfg.k} if cfg.mode == "topk" else {"draws": cfg.draws, "seed": cfg.seed}
     return Manifest(
         teacher=teacher_description(cfg.teacher, cfg.dtype, head_size),
@@ -107,10 +109,49 @@ def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
     )
 
 
+def check_config(cfg: TeacherPassConfig) -> None:
+    """Refuse, before Ray starts or anything is written, every setting the pass cannot
+    honour: one ConfigError naming the flag, the value and what is allowed. (k against the
+    teacher's vocabulary is checked by build_manifest, which reads the teacher's config.)"""
+    need_model(cfg, "teacher", "teacher model")
+    need_path(cfg, "inputs.data", "data file or folder")
+    need_path(cfg, "inputs.image_root", "image root folder", required=False)
+    if not cfg.output:
+        raise refuse("output", cfg.output, "set the cache folder (or fsspec URL) to write")
+    checks = [("records", lambda: parse_records(cfg.records)), ("backend", lambda: check_backend(cfg.backend))]
+    if cfg.backend == "vllm":
+        checks.append(("backend", lambda: check_settings(cfg.mode, parse_records(cfg.records), cfg.temperature)))
+    for name, call in checks:
+        try:
+            call()
+        except ConfigError:
+            raise
+        except ValueError as e:
+            raise ConfigError(f"--{name} {getattr(cfg, name)!r}: {e}") from e
+    need_choice(cfg, "mode", MODES)
+    need_choice(cfg, "dtype", tuple(DTYPES))
+    need_at_least(cfg, 1, "k", "batch_size", "num_workers", "rows_per_shard", "tensor_parallel_size")
+    need_at_least(cfg, 2, "max_length")
+    need_at_least(cfg, 0, "max_retries", "seed")
+    need_at_least(cfg, -1, "prefetch_batches", "num_gpus_per_worker")
+    need_between(cfg, "draws", 1, 255)
+    need_positive(cfg, "temperature")
+    if not re.fullmatch(r"auto|cpu|mps|(cuda|xpu)(:\d+)?", cfg.device):
+        raise refuse("device", cfg.device, "use auto, cpu, cuda or cuda:N")
+    if cfg.vllm_args:
+        try:
+            extra = json.loads(cfg.vllm_args)
+        except json.JSONDecodeError as e:
+            raise refuse("vllm_args", cfg.vllm_args, f"not JSON ({e}); give a JSON object of vllm.LLM arguments") from e
+        if not isinstance(extra, dict):
+            raise refuse("vllm_args", cfg.vllm_args, "give a JSON object of vllm.LLM arguments")
+
+
 def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
     """Run (or resume) the teacher pass; returns the final manifest."""
     import ray
 
+    check_config(cfg)
     read_errors = None if cfg.fail_fast else []  # --fail-fast: the first malformed record stops the pass
     samples = read_inputs(cfg, read_errors)
     writer = open_writer(cfg.output, build_manifest(cfg, len(samples)), cfg.rows_per_shard, replace=cfg.new_cache,

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from mmkd.common.config import InputsConfig, inline
+from mmkd.common.config import InputsConfig, inline, need_at_least, need_model, need_path
 from mmkd.common.inputs import SampleTable
 from mmkd.common.preprocess import image_token_id
 from mmkd.storage.reader import TeacherCache
@@ -51,6 +51,19 @@ class EvalConfig:
     # also write the metrics JSON here (None: MODEL/eval.json when the model is the output folder of
     # `mmkd train`, for `mmkd plot`; "" writes nothing)
     out: str | None = None
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Refuse what evaluation cannot honour before any model loads (ConfigError)."""
+    need_model(cfg, "model", "model")
+    need_path(cfg, "inputs.data", "data file or folder")
+    need_path(cfg, "inputs.image_root", "image root folder", required=False)
+    if cfg.cache:
+        need_path(cfg, "cache", "teacher cache folder")
+    if cfg.teacher:
+        need_model(cfg, "teacher", "teacher model", hub=False)
+    need_at_least(cfg, 1, "batch_size")
+    need_at_least(cfg, 2, "max_length")
 
 
 @torch.no_grad()

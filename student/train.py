@@ -30,13 +30,14 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mmkd.common.config import InputsConfig, inline, to_dict
+from mmkd.common.config import (ConfigError, InputsConfig, inline, need_at_least, need_between, need_choice, need_model,
+                                need_path, need_positive, refuse, to_dict)
 from mmkd.common.heads import DTYPES
 from mmkd.common.inputs import SampleTable
 from mmkd.common.preprocess import image_token_id
@@ -159,38 +160,54 @@ def setup_distributed() -> tuple[int, int, str]:
 
 
 def check_config(cfg: "TrainConfig") -> None:
-    """Refuse option values and combinations the recipe cannot honour, before any work."""
+    """Refuse option values and combinations the recipe cannot honour, before any work (no
+    file is read: check_paths does that). One ConfigError naming the flag and what is
+    allowed."""
     for name, allowed in (("objective", ("distill", "preference")), ("trainable", TRAINABLE),
                           ("divergence", DIVERGENCES), ("kd_leftover", LEFTOVER_MODES),
                           ("relation_pooling", RELATION_POOLING), ("preference_loss", PREFERENCE_LOSSES),
                           ("optimizer", OPTIMIZERS), ("lr_schedule", LR_SCHEDULES), ("zero_stage", ZERO_STAGES),
                           ("dtype", TRAIN_DTYPES)):
-        if getattr(cfg, name) not in allowed:
-            raise ValueError(f"{name} {getattr(cfg, name)!r}: choose one of {allowed}")
+        need_choice(cfg, name, allowed)
+    need_at_least(cfg, 1, "epochs", "batch_size", "grad_accum", "shuffle_window", "keep_checkpoints", "log_every",
+                  *(f"arch.{f.name}" for f in fields(LlavaArch)))
+    need_at_least(cfg, 2, "max_length")
+    need_at_least(cfg, 0, "max_steps", "subset", "num_workers", "save_every", "data_streams", "seed", "ce_weight",
+                  "kd_weight", "visual_weight", "relation_weight", "weight_decay", "grad_clip", "moe.aux_weight")
+    need_positive(cfg, "lr", "beta", "adam_epsilon")
+    need_between(cfg, "adam_beta1", 0, 1, hi_open=True)
+    need_between(cfg, "adam_beta2", 0, 1, hi_open=True)
+    need_between(cfg, "warmup_ratio", 0, 1)
     if cfg.online_teacher and cfg.cache:
-        raise ValueError("online_teacher and cache are two sources of teacher targets: set one (cache: the "
-                         "offline cache; online_teacher: the resident-teacher baseline, for comparison)")
+        raise ConfigError("--online-teacher and --cache are two sources of teacher targets: set one (cache: the "
+                          "offline cache; online_teacher: the resident-teacher baseline, for comparison)")
     if cfg.online_teacher and cfg.objective != "distill":
-        raise ValueError("online_teacher supports objective=distill only; preference training reads a cache")
+        raise ConfigError("--online-teacher supports --objective distill only; preference training reads a cache")
     needs = [t for t in terms.stage_terms(cfg, teacher=True, moe=False) if t.record not in (None, "response")]
     if needs and not (cfg.cache or cfg.online_teacher):
-        raise ValueError(f"the terms {', '.join(dict.fromkeys(t.name for t in needs))} read teacher targets "
-                         f"({', '.join(dict.fromkeys(t.record for t in needs))} records): set cache to a teacher "
-                         "cache folder")
+        raise ConfigError(f"the terms {', '.join(dict.fromkeys(t.name for t in needs))} read teacher targets "
+                          f"({', '.join(dict.fromkeys(t.record for t in needs))} records): set --cache to a teacher "
+                          "cache folder")
     if cfg.objective == "preference" and cfg.keep_encoded:
-        raise ValueError("keep_encoded applies to objective=distill only")
+        raise ConfigError("--keep-encoded applies to --objective distill only")
     if cfg.keep_encoded and cfg.num_workers:
-        raise ValueError("keep_encoded needs num_workers=0: worker processes cannot hand encodings back")
-    if cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise ValueError(f"batch_size {cfg.batch_size} and grad_accum {cfg.grad_accum} must be at least 1")
-    if cfg.data_streams < 0 or cfg.shuffle_window < 1:
-        raise ValueError(f"data_streams {cfg.data_streams} must be >= 0 (0 = one per rank) and shuffle_window "
-                         f"{cfg.shuffle_window} >= 1")
+        raise ConfigError("--keep-encoded needs --num-workers 0: worker processes cannot hand encodings back")
     if cfg.upcycle and not cfg.init_from:
-        raise ValueError("upcycle starts from a trained dense model: set init_from")
-    if cfg.save_every < 0 or cfg.keep_checkpoints < 1:
-        raise ValueError(f"save_every {cfg.save_every} must be >= 0 (0 = no checkpoints) and keep_checkpoints "
-                         f"{cfg.keep_checkpoints} >= 1")
+        raise ConfigError("--upcycle starts from a trained dense model: set --init-from")
+
+
+def check_paths(cfg: "TrainConfig") -> None:
+    """The folders and files the config names exist (before any output is written)."""
+    need_model(cfg, "processor", "processor")
+    need_path(cfg, "inputs.data", "data file or folder")
+    need_path(cfg, "inputs.image_root", "image root folder", required=False)
+    for name in ("init_from", "online_teacher"):
+        if getattr(cfg, name):
+            need_model(cfg, name, "model", hub=False)
+    if cfg.cache:
+        need_path(cfg, "cache", "teacher cache folder")
+    if not cfg.output_dir:
+        raise refuse("output_dir", cfg.output_dir, "set the folder the model and logs go to")
 
 
 @dataclass
@@ -283,6 +300,7 @@ def _as_is(batch):
 def train(cfg: TrainConfig, log=print) -> dict:
     """Run the recipe; returns a summary (steps, final loss terms, wall time)."""
     check_config(cfg)
+    check_paths(cfg)
     rank, world, device = setup_distributed()
     from transformers import AutoProcessor
 
@@ -322,7 +340,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     img = image_token_id(processor)
     visual = any(t.record == "visual" for t in stage)  # the online teacher's targets
     needs = terms.outputs_needed(stage)
-    step, micro_batches, t0, last = pos.step, 0, time.time() - pos.wall_s, {}
+    # micro-batches this rank ran, those before a resume included (every step takes grad_accum of them)
+    step, micro_batches, t0, last = pos.step, pos.step * cfg.grad_accum, time.time() - pos.wall_s, {}
     for epoch in range(pos.epoch, cfg.epochs):
         consumed = pos.batch if epoch == pos.epoch else 0  # micro-batches of this epoch done before the checkpoint
         for group in micro_batch_groups(clock.batches(loader(cfg, data, rank, world, epoch, consumed)),

@@ -115,7 +115,7 @@ def errors_of(out) -> dict[str, dict]:
 def _bad_data(demo_dir, root: Path, n_good=12):
     """A JSONL of the first n_good demo samples with bad records of every kind between them,
     and its image root (a copy of the demo's, plus a corrupt PNG). Returns (path, good ids,
-    {bad id: (kind, reason pattern)}); a record without an id is named file#row."""
+    {bad id: (kind, reason pattern)}); a record without an id is named file:line."""
     shutil.copytree(demo_dir / "images", root / "images")
     (root / "images" / "corrupt.png").write_bytes((demo_dir / "images" / "train-000000.png").read_bytes()[:60])
     good = json.loads((demo_dir / "train.json").read_text())[:n_good]
@@ -127,7 +127,7 @@ def _bad_data(demo_dir, root: Path, n_good=12):
         (json.dumps({"id": "two-images", "image": img,
                      "conversations": [{"from": "human", "value": "<image>\n<image>\nq"}, turns[1]]}),
          "two-images", "read", "2 '<image>' placeholders"),
-        (json.dumps({"image": img, "conversations": turns}), f"{path}#5", "read", "no 'id' field"),
+        (json.dumps({"image": img, "conversations": turns}), f"{path}:6", "read", "no 'id' field"),
         ('{"id": "latin1", "image": "' + img + '", "conversations": "caf\udce9"}', f"{path}:8", "read", "not UTF-8"),
         # these two copy the conversations of samples 1 and 2 (the test then fixes their images)
         (json.dumps(dict(good[1], id="missing-image", image="images/nope.png")), "missing-image", "encode",

@@ -294,7 +294,7 @@ def _malformed_records(demo_dir):
          "no assistant"),
         (json.dumps({"id": "turns-not-objects", "image": img, "conversations": ["<image>q", "a"]}),
          "turns-not-objects", "must be a list of"),
-        (json.dumps({"image": img, "conversations": turns}), "#8", "no 'id' field"),
+        (json.dumps({"image": img, "conversations": turns}), ":9", "no 'id' field"),
         (b'{"id": "latin1", "image": "' + img.encode() + b'", "conversations": "caf\xe9"}', ":10", "not UTF-8"),
         (b'{"id": "cut", "image": ', ":11", "not valid JSON"),
         (b"[1, 2]", ":12", "a JSON list, expected an object"),
@@ -304,7 +304,7 @@ def _malformed_records(demo_dir):
 
 def test_malformed_records_are_set_aside_when_asked(demo_dir, tmp_path):
     """With an errors list (the teacher pass), every malformed record is left out and listed
-    with its id (or file#row / file:line when it has none) and the reason; the good records
+    with its id (or file:line, JSONL lines counted from 1, when it has none) and the reason; the good records
     read as usual. Without one (trainer, evaluation), the first is refused, naming it."""
     good, bad = _malformed_records(demo_dir)
     lines = [json.dumps(good[0]).encode(), *[b for b, _, _ in bad[:6]], json.dumps(good[1]).encode(),
@@ -317,13 +317,13 @@ def test_malformed_records_are_set_aside_when_asked(demo_dir, tmp_path):
     assert [s.messages for s in samples] == [s.messages for s in read_llava(demo_dir / "train.json")[:3]]
     reasons = dict(errors)
     assert len(reasons) == len(errors) == len(bad)
-    for _, key, why in bad:  # a record without an id is named by its place: file#record or file:line
+    for _, key, why in bad:  # a record without an id is named by its place: file:line
         key = f"{path}{key}" if key.startswith((":", "#")) else key
         assert why in reasons[key], (key, reasons[key])
     with pytest.raises(SampleError, match=f"{path.name}: line 10 is not UTF-8 text"):  # lines parse first
         read_inputs(str(path), image_root=str(demo_dir))
     path.write_bytes(b"\n".join(lines[:9]))
-    with pytest.raises(SampleError, match=f"sample empty .*{path.name}#1.*empty or missing 'conversations'"):
+    with pytest.raises(SampleError, match=f"sample empty .*{path.name}:2.*empty or missing 'conversations'"):
         read_inputs(str(path), image_root=str(demo_dir))
 
     # the same records as a JSON list: one malformed record does not lose the file either

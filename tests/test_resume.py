@@ -126,6 +126,9 @@ def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, de
     summary = train(cfg, log=lambda *_: None)
     assert summary == json.loads((out / checkpoint.SUMMARY).read_text())
     assert summary["steps"] == 2 * STEPS_PER_EPOCH and (out / "model.safetensors").stat().st_mtime_ns == mtime
+    # the summary counts the micro-batches of the whole run, before the kill included
+    assert summary["micro_batches_per_rank"] == json.loads((Path(ref.output_dir) / checkpoint.SUMMARY).read_text()
+                                                           )["micro_batches_per_rank"]
 
 
 def test_a_checkpoint_of_another_config_is_refused(tmp_path):
