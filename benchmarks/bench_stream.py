@@ -13,6 +13,9 @@ profiles: "long" (k = 64, 201 targets per row, like SmolLM2 chat answers) and "s
      caches of 1x, 4x and 16x the rows: peak RSS of the process (VmHWM).
   3. bytes read per rank with 2 ranks (streams 2): the Parquet row-group bytes each rank's
      reader fetches over one epoch of micro-batches, against the cache's size.
+  4. the cost of the integrity checks: the training path's decode rate on the long cache
+     and on a copy written as before checksums (no page CRCs, no footer digests), the two
+     alternated, best of 5 each.
 
     OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/bench_stream.py [--base 1000] [--workdir DIR]
     (validation: --base 60 --sizes 1,2)
@@ -34,7 +37,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from mmkd.pipelines.synthetic_cache import write_synthetic  # noqa: E402
+from mmkd.pipelines.synthetic_cache import without_checksums, write_synthetic  # noqa: E402
 from mmkd.storage.reader import TeacherCache  # noqa: E402
 
 PEAK = """
@@ -46,24 +49,41 @@ sys.exit(rc)
 """
 
 
+def train_path(cache: TeacherCache) -> int:
+    """One epoch of the plan's micro-batches of 32 through read_items; target tokens read."""
+    plan = cache.epoch_plan(1, 0, 1024)
+    return sum(int(cache.read_items(plan, b).response.lengths.sum()) for b in plan.micro_batches(0, 1, 32))
+
+
+def rate(cache_dir: str, fn) -> float:
+    """Target tokens/s of fn on a fresh reader."""
+    cache = TeacherCache(cache_dir)
+    t = time.perf_counter()
+    n = fn(cache)
+    return n / (time.perf_counter() - t)
+
+
 def decode_rates(cache_dir: str, repeats: int = 3) -> dict:
     """Best-of-repeats target tokens/s of the three read paths, one fresh reader each."""
-    def timed(fn) -> float:
-        best = 0.0
+    paths = {"iter_rows": lambda c: sum(len(r.response) for r in c.iter_rows()),
+             "stream": lambda c: sum(len(r.response) for r in c.stream(seed=0)), "training path": train_path}
+    return {name: max(rate(cache_dir, fn) for _ in range(repeats)) for name, fn in paths.items()}
+
+
+def checksum_cost(cache_dir: str, work: Path, repeats: int = 5) -> dict:
+    """The training path's best rate with the checks and on an unchecked copy, alternated."""
+    import warnings
+
+    old = work / "long-unchecked"
+    if not old.exists():
+        without_checksums(cache_dir, old)
+    best = {"checked": 0.0, "unchecked": 0.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the old-cache note
         for _ in range(repeats):
-            cache = TeacherCache(cache_dir)
-            t = time.perf_counter()
-            n = fn(cache)
-            best = max(best, n / (time.perf_counter() - t))
-        return best
-
-    def train_path(cache):
-        plan = cache.epoch_plan(1, 0, 1024)
-        return sum(int(cache.read_items(plan, b).response.lengths.sum()) for b in plan.micro_batches(0, 1, 32))
-
-    return {"iter_rows": timed(lambda c: sum(len(r.response) for r in c.iter_rows())),
-            "stream": timed(lambda c: sum(len(r.response) for r in c.stream(seed=0))),
-            "training path": timed(train_path)}
+            for name, path in (("checked", cache_dir), ("unchecked", str(old))):
+                best[name] = max(best[name], rate(path, train_path))
+    return best
 
 
 def peak_rss_mb(root: Path, out: Path) -> float:
@@ -171,6 +191,13 @@ def main() -> None:
         results[f"bytes x{n}"] = {"total": total, "ranks": per}
         print(f"| long x{n} | {total / 2**20:.1f} MiB | {per[0] / 2**20:.1f} MiB | {per[1] / 2**20:.1f} MiB | "
               f"{np.mean(per) / total:.2f} |")
+
+    print("\n4. integrity checks: training-path decode rate (target tokens/s; best of 5, alternated)\n")
+    r = checksum_cost(str(caches["long x1"] / "cache"), work)
+    results["checksum cost"] = r
+    print("| cache | page CRCs + footer sha256 | unchecked copy | checked / unchecked |")
+    print("|---|---|---|---|")
+    print(f"| long x1 | {r['checked'] / 1e6:.2f} M | {r['unchecked'] / 1e6:.2f} M | {r['checked'] / r['unchecked']:.3f} |")
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"\nresults in {work / 'results.json'}")
 

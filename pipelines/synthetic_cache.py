@@ -82,3 +82,23 @@ def write_synthetic(root: str | Path, distinct: int = 100, copies: int = 1, answ
         writer.add(raw_table(rows))
     writer.close(complete=True)
     return {"samples": distinct * copies, "targets": targets}
+
+
+def without_checksums(src: str | Path, dst: str | Path) -> None:
+    """Copy the cache at src to dst as it would have been written before shards carried
+    checksums (2026-12): pages without CRCs, no footer digests in the manifest. Same rows."""
+    import pyarrow.parquet as pq
+
+    from mmkd.storage.fs import write_atomic
+    from mmkd.storage.writer import encode_parquet, sha256_bytes
+
+    src, dst = Path(src), Path(dst)
+    dst.mkdir(parents=True)
+    m = Manifest.load(str(src))
+    for s in m.shards:
+        f = pq.ParquetFile(src / s.file)
+        data = encode_parquet(f.read(), m.codec["compression"], m.codec["compression_level"],
+                              f.metadata.row_group(0).num_rows, page_checksums=False)
+        write_atomic(str(dst / s.file), data)
+        s.bytes, s.sha256, s.footer_sha256, s.page_checksums = len(data), sha256_bytes(data), None, False
+    m.save(str(dst))

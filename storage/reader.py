@@ -19,8 +19,8 @@ import pyarrow.parquet as pq
 
 from mmkd.storage.fs import join, open_fs
 from mmkd.storage.manifest import Manifest, ShardInfo
-from mmkd.storage.schema import STORED_SCHEMA, TOKEN_KINDS, CacheError, CacheRow, RowBatch
 from mmkd.storage.plan import EpochPlan
+from mmkd.storage.schema import STORED_SCHEMA, TOKEN_KINDS, CacheError, CacheRow, RowBatch
 from mmkd.storage.tables import VOCAB_ORDER_KEY, decode_batch, decode_codes, unpack_order
 from mmkd.storage.writer import ROW_GROUP_ROWS, sha256_bytes
 

@@ -18,8 +18,16 @@ import pyarrow.compute as pc
 import zstandard
 
 from mmkd.storage import codec
-from mmkd.storage.schema import (RAW_SCHEMA, STORED_SCHEMA, TOKEN_KINDS, CacheError, CacheRow, Preference, RowBatch,
-                                 TokenBatch)
+from mmkd.storage.schema import (
+    RAW_SCHEMA,
+    STORED_SCHEMA,
+    TOKEN_KINDS,
+    CacheError,
+    CacheRow,
+    Preference,
+    RowBatch,
+    TokenBatch,
+)
 
 VOCAB_ORDER_KEY = b"mmkd.vocab_order"
 

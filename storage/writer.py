@@ -45,12 +45,15 @@ def file_sha256(fs, path: str) -> str:
 ROW_GROUP_ROWS = 128  # rows per Parquet row group of a shard: the unit readers fetch and the plan shuffles
 
 
-def encode_parquet(table: pa.Table, compression: str, level: int, row_group_rows: int = ROW_GROUP_ROWS) -> bytes:
+def encode_parquet(table: pa.Table, compression: str, level: int, row_group_rows: int = ROW_GROUP_ROWS,
+                   page_checksums: bool = True) -> bytes:
+    """A shard's bytes. page_checksums=False writes pages without CRCs, as shards were
+    written before 2026-12 (for tests and benchmarks of such caches)."""
     buf = io.BytesIO()
     # No dictionary encoding: the coded columns hold distinct blobs per row, where a dictionary
     # attempt only costs (reading a row group took 2.8x as long at k = 64; sizes equal within 0.1-4%).
     pq.write_table(table, buf, compression=compression, compression_level=level, row_group_size=row_group_rows,
-                   use_dictionary=False, write_page_checksum=True)
+                   use_dictionary=False, write_page_checksum=page_checksums)
     return buf.getvalue()
 
 

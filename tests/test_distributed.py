@@ -199,8 +199,8 @@ def test_optimizer_settings_from_flags_and_bad_values_named():
     g = opt.param_groups[0]
     assert g["betas"] == (0.9, 0.95) and g["eps"] == 1e-6 and g["weight_decay"] == 0.1
     assert type(build_optimizer([torch.nn.Parameter(torch.zeros(2))], TrainConfig())) is torch.optim.AdamW
-    for bad, named in ((dict(optimizer="sgd"), "optimizer 'sgd'"), (dict(lr_schedule="step"), "lr_schedule 'step'"),
-                       (dict(zero_stage=4), "zero_stage 4"), (dict(dtype="float16"), "dtype 'float16'"),
-                       (dict(grad_accum=0), "grad_accum 0")):
+    for bad, named in ((dict(optimizer="sgd"), "--optimizer 'sgd'"), (dict(lr_schedule="step"), "--lr-schedule 'step'"),
+                       (dict(zero_stage=4), "--zero-stage 4"), (dict(dtype="float16"), "--dtype 'float16'"),
+                       (dict(grad_accum=0), "--grad-accum 0")):
         with pytest.raises(ValueError, match=named):
             check_config(TrainConfig(**bad))

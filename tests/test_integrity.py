@@ -10,7 +10,6 @@ import shutil
 import numpy as np
 import pytest
 
-from helpers import manifest, rows
 from mmkd.storage.inspect import inspect_cache
 from mmkd.storage.manifest import Manifest
 from mmkd.storage.ops import merge_caches, subset_cache
@@ -18,6 +17,8 @@ from mmkd.storage.reader import TeacherCache
 from mmkd.storage.schema import CacheError
 from mmkd.storage.tables import raw_table
 from mmkd.storage.writer import CacheWriter
+
+from helpers import manifest, rows
 
 KINDS = ("response", "visual", "relation")
 FLIPS = 200
@@ -85,3 +86,27 @@ def test_bit_flips_in_a_shard_are_caught_on_every_read_path(tmp_path):
             counts["same"] += 1
     shard.write_bytes(intact)
     assert counts["caught"] > 0.8 * (counts["caught"] + counts["same"]), counts
+
+
+def test_a_cache_written_before_checksums_reads_with_one_warning(tmp_path):
+    """Old shards (no page CRCs, no footer digest) give the same rows; one warning per reader
+    says only `mmkd cache verify` checks them; verify still passes."""
+    import warnings
+
+    from mmkd.pipelines.synthetic_cache import without_checksums
+
+    cache = tmp_path / "cache"
+    w = CacheWriter(str(cache), manifest(kinds=KINDS), rows_per_shard=4)
+    w.add(raw_table(rows([f"s{i:02d}" for i in range(10)], kinds=KINDS)))
+    w.close(complete=True)
+    without_checksums(cache, tmp_path / "old")
+    old = Manifest.load(str(tmp_path / "old"))
+    assert len(old.shards) == 3 and not any(s.page_checksums or s.footer_sha256 for s in old.shards)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        reader = TeacherCache(str(tmp_path / "old"))
+        got = reader.rows()
+        assert reader.verify() == []
+    notes = [str(x.message) for x in caught if "written before shards carried checksums" in str(x.message)]
+    assert len(notes) == 1 and "mmkd cache verify" in notes[0]
+    assert _snapshot(got.values()) == _snapshot(TeacherCache(str(cache)).rows().values())

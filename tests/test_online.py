@@ -25,9 +25,9 @@ from tests.conftest import TINY
 
 
 def test_one_source_of_teacher_targets():
-    with pytest.raises(ValueError, match="online_teacher and cache are two sources"):
+    with pytest.raises(ValueError, match="--online-teacher and --cache are two sources"):
         check_config(TrainConfig(online_teacher="t", cache="c"))
-    with pytest.raises(ValueError, match="objective=distill only"):
+    with pytest.raises(ValueError, match="--objective distill only"):
         check_config(TrainConfig(online_teacher="t", objective="preference"))
     check_config(TrainConfig(online_teacher="t", visual_weight=1.0, relation_weight=1.0))  # no cache needed
 
