@@ -17,18 +17,22 @@ from dataclasses import dataclass
 
 from PIL import Image
 
+from mmkd.common.models import is_text_only, load_processor
 from mmkd.common.preprocess import IGNORE_INDEX, encode_sample, image_token_id, process_image, render
 from mmkd.common.samples import Sample
 from mmkd.storage.schema import collapse_image_runs
 
 # A probe conversation: two turns, one image, so that templates, supervision and the
-# image-token expansion are all exercised.
+# image-token expansion are all exercised; text-only pairs get the same conversation without
+# the image.
 PROBE = Sample("probe", "probe.png", [
     {"role": "user", "content": "<image>\nWhat is in the picture?"},
     {"role": "assistant", "content": "A red square."},
     {"role": "user", "content": "And its colour?"},
     {"role": "assistant", "content": "Red."},
 ])
+TEXT_PROBE = Sample("probe", None, [{"role": m["role"], "content": m["content"].replace("<image>\n", "")}
+                                    for m in PROBE.messages])
 # A square and two non-square sizes: any-resolution families expand them differently.
 PROBE_SIZES = ((336, 336), (640, 360), (200, 500))
 
@@ -88,22 +92,26 @@ def _vocab_check(t_tok, s_tok) -> Check:
 
 def compare_processors(teacher, student) -> list[Check]:
     """Vocabulary, special tokens, chat template, image token, the probe conversation's
-    token sequence and labels, and the visual-token count of probe images."""
+    token sequence and labels, and the visual-token count of probe images (a pair with a
+    text-only side: the probe without its image, no visual-token count)."""
     checks = [_vocab_check(teacher.tokenizer, student.tokenizer)]
     ts, ss = _special(teacher.tokenizer), _special(student.tokenizer)
     checks.append(Check("special tokens", json.dumps(ts), json.dumps(ss), ts == ss,
                         "use the teacher's tokenizer files (special_tokens_map / tokenizer_config.json)"))
     t_img, s_img = image_token_id(teacher), image_token_id(student)
-    checks.append(Check("image token", f"{teacher.image_token}={t_img}", f"{student.image_token}={s_img}",
+    text_only = is_text_only(teacher) or is_text_only(student)
+    checks.append(Check("image token", f"{teacher.image_token}={t_img}" if t_img is not None else "none (text-only)",
+                        f"{student.image_token}={s_img}" if s_img is not None else "none (text-only)",
                         (teacher.image_token, t_img) == (student.image_token, s_img),
-                        "use the teacher's tokenizer and processor_config.json (image_token)"))
-    t_text = render(teacher, PROBE.messages, add_generation_prompt=False)
-    s_text = render(student, PROBE.messages, add_generation_prompt=False)
+                        "use the teacher's tokenizer and processor_config.json (image_token); a text-only student "
+                        "needs a text-only teacher (and the other way round)"))
+    probe, image = (TEXT_PROBE, None) if text_only else (PROBE, Image.new("RGB", PROBE_SIZES[0], (200, 30, 30)))
+    t_text = render(teacher, probe.messages, add_generation_prompt=False)
+    s_text = render(student, probe.messages, add_generation_prompt=False)
     checks.append(Check("chat template (probe rendering)", _short(t_text), _short(s_text), t_text == s_text,
                         "copy the teacher's chat template (chat_template.jinja) into the student's processor folder"))
-    image = Image.new("RGB", PROBE_SIZES[0], (200, 30, 30))
     try:
-        te, se = encode_sample(teacher, PROBE, image, 1 << 20), encode_sample(student, PROBE, image, 1 << 20)
+        te, se = encode_sample(teacher, probe, image, 1 << 20), encode_sample(student, probe, image, 1 << 20)
         # as the trainer compares: text tokens, each image's run of visual tokens as one
         t_text, s_text = collapse_image_runs(te.input_ids, t_img), collapse_image_runs(se.input_ids, s_img)
         t_sup, s_sup = int((te.labels != IGNORE_INDEX).sum()), int((se.labels != IGNORE_INDEX).sum())
@@ -115,6 +123,8 @@ def compare_processors(teacher, student) -> list[Check]:
     except Exception as e:  # a processor that cannot encode the probe says why
         checks.append(Check("probe sequence + supervised tokens", "", f"cannot encode: {e}", False,
                             "fix the processor folder"))
+    if text_only:
+        return checks
     t_n = [process_image(teacher, Image.new("RGB", size))[0] for size in PROBE_SIZES]
     s_n = [process_image(student, Image.new("RGB", size))[0] for size in PROBE_SIZES]
     sizes = ", ".join(f"{w}x{h}" for w, h in PROBE_SIZES)
@@ -167,7 +177,8 @@ def compare_with_cache(cache, student, student_config=None) -> list[Check]:
                             "the student must use the tokenizer of the teacher that made the cache"))
     s_img = image_token_id(student)
     checks.append(Check("image token (cache)", str(p.get("image_token_id")), str(s_img),
-                        p.get("image_token_id") == s_img, "use the teacher's tokenizer"))
+                        p.get("image_token_id") == s_img,
+                        "use the teacher's tokenizer and processor (a text-only cache needs a text-only student)"))
     checks.append(Check("chat template (cache digest)", str(p.get("chat_template_sha256"))[:12],
                         str(_template_digest(student))[:12], p.get("chat_template_sha256") == _template_digest(student),
                         "copy the teacher's chat template; samples whose tokens differ are refused one by one",
@@ -192,9 +203,9 @@ def load_side(path: str, trust_remote_code: bool = False):
     """(processor, config or None) of a model or processor folder; no weights loaded."""
     from pathlib import Path
 
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
+    processor = load_processor(path, trust_remote_code)
     config = None
     if (Path(path) / "config.json").exists():
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)

@@ -8,7 +8,9 @@ the teacher's tokenizer and template builds exactly the teacher's sequence.
 Model families: the image's visual-token count and its model inputs come from the
 processor itself (one call on the image alone), so fixed-resolution LLaVA-1.5, any-resolution
 LLaVA-OneVision (count depends on the image size) and Qwen2-VL / Qwen2.5-VL (dynamic
-resolution, ``image_grid_thw``) go through the same code.
+resolution, ``image_grid_thw``) go through the same code. Text-only models (a causal LM's
+tokenizer, common.models.TextProcessor) render the messages' plain strings with their chat
+template and refuse samples with an image.
 
 Supervision: every assistant turn is supervised. Its characters are found by rendering
 the conversation up to the turn with and without it (the generation prompt included in the
@@ -70,7 +72,13 @@ def to_content_list(text: str) -> list[dict]:
 
 
 def render(processor, messages: list[dict], add_generation_prompt: bool) -> str:
-    msgs = [{"role": m["role"], "content": to_content_list(m["content"])} for m in messages]
+    """The conversation through the processor's chat template: content as a list of typed
+    parts for multimodal processors (what their templates expect), as the plain string for
+    text-only ones (common.models.TextProcessor; what causal-LM templates expect)."""
+    if processor.image_token is None:
+        msgs = [{"role": m["role"], "content": m["content"]} for m in messages]
+    else:
+        msgs = [{"role": m["role"], "content": to_content_list(m["content"])} for m in messages]
     templater = processor if getattr(processor, "chat_template", None) else processor.tokenizer
     return templater.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
 
@@ -115,11 +123,15 @@ def _image_token_count(processor) -> int:
 def image_token_count(processor) -> int:
     """How many visual tokens a reference image (32x32, resized by the processor) becomes:
     THE count for fixed-resolution models (LLaVA-1.5); for any-resolution families the count
-    varies per image and is checked per sample (student.data.check_alignment)."""
-    return _image_token_count(processor)
+    varies per image and is checked per sample (student.data.check_alignment). 0 for
+    text-only processors."""
+    return 0 if processor.image_token is None else _image_token_count(processor)
 
 
-def image_token_id(processor) -> int:
+def image_token_id(processor) -> int | None:
+    """The id of the processor's image token; None for text-only processors."""
+    if processor.image_token is None:
+        return None
     return processor.tokenizer.convert_tokens_to_ids(processor.image_token)
 
 
@@ -130,8 +142,14 @@ def encode_sample(processor, sample: Sample, image: Image.Image | None, max_leng
     no supervised token survives.
     """
     msgs = sample.messages
+    if processor.image_token is None and (image is not None or sample.image is not None):
+        raise SampleError(f"sample {sample.id} has an image but the model is text-only (its folder has no image "
+                          "processor); drop the sample or use a multimodal model")
     n_img, vision = process_image(processor, image) if image is not None else (0, {})
-    expand = lambda s: s.replace(processor.image_token, processor.image_token * n_img)  # noqa: E731
+    if processor.image_token is None:
+        expand = lambda s: s  # noqa: E731
+    else:
+        expand = lambda s: s.replace(processor.image_token, processor.image_token * n_img)  # noqa: E731
     full = expand(render(processor, msgs, add_generation_prompt=False))
     spans = []
     for i, m in enumerate(msgs):
@@ -165,7 +183,7 @@ def encode_sample(processor, sample: Sample, image: Image.Image | None, max_leng
     return Encoded(sample.id, ids, labels, vision)
 
 
-def collate(encoded: list[Encoded], pad_id: int) -> dict:
+def collate(encoded: list[Encoded], pad_id: int | None) -> dict:
     """Right-pad a list of Encoded into numpy arrays: input_ids, attention_mask, labels
     ([B, T]) and, when every sample has an image, the vision inputs joined along their first
     axis (pixel_values [B, 3, H, W] for LLaVA-1.5; OneVision's [B, patches, 3, H, W] zero-padded
@@ -173,7 +191,8 @@ def collate(encoded: list[Encoded], pad_id: int) -> dict:
     concatenated, delimited by image_grid_thw [B, 3]; per-token maps [B, T] padded with 0)."""
     T = max(len(e.input_ids) for e in encoded)
     B = len(encoded)
-    input_ids = np.full((B, T), pad_id, dtype=np.int64)
+    # padding is masked out; tokenizers without a pad token (Llama's, pad_id None) pad with id 0
+    input_ids = np.full((B, T), 0 if pad_id is None else pad_id, dtype=np.int64)
     labels = np.full((B, T), IGNORE_INDEX, dtype=np.int64)
     mask = np.zeros((B, T), dtype=np.int64)
     for i, e in enumerate(encoded):

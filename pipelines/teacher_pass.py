@@ -18,8 +18,18 @@ import os
 import re
 from dataclasses import dataclass
 
-from mmkd.common.config import (ConfigError, InputsConfig, inline, need_at_least, need_between, need_choice, need_model,
-                                need_path, need_positive, refuse)
+from mmkd.common.config import (
+    ConfigError,
+    InputsConfig,
+    inline,
+    need_at_least,
+    need_between,
+    need_choice,
+    need_model,
+    need_path,
+    need_positive,
+    refuse,
+)
 from mmkd.common.heads import DTYPES
 from mmkd.common.inputs import read_config_inputs
 from mmkd.common.preprocess import image_token_count
@@ -79,16 +89,21 @@ def read_inputs(cfg: TeacherPassConfig, errors: list | None = None) -> list:
 
 
 def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
-    from transformers import AutoConfig, AutoProcessor
+    from transformers import AutoConfig
 
     from mmkd.common.check import shared_vocab_size
+    from mmkd.common.models import is_text_only, load_processor
     from mmkd.teacher_cache.teacher import processor_description, teacher_description
 
-    processor = AutoProcessor.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code)
+    processor = load_processor(cfg.teacher, cfg.trust_remote_code)
     head_size = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code
                                            ).get_text_config().vocab_size
     vocab = shared_vocab_size(processor, head_size)
     kinds = parse_records(cfg.records)
+    visual = [k for k in kinds if k in ("visual", "relation")]
+    if visual and is_text_only(processor):
+        raise refuse("records", cfg.records, f"a text-only teacher has no image tokens for {' and '.join(visual)} "
+                                             "records: use response and/or preference")
     check_backend(cfg.backend)
     if cfg.backend == "vllm":  # refuse what vLLM cannot give before any actor starts
         check_settings(cfg.mode, kinds, cfg.temperature)
@@ -190,6 +205,9 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
         prefetch = cfg.prefetch_batches if cfg.prefetch_batches >= 0 else int(gpus > 0)
         overlap = ({"max_concurrent_calls_per_actor": 1 + prefetch, "enable_true_multi_threading": True}
                    if cfg.backend != "vllm" and prefetch > 0 else {})
+        # no batch waits queued on an actor beyond those it runs (Ray Data queues up to 4): a worker that dies
+        # takes down only the batches it was running, not innocent ones queued behind them
+        overlap["max_tasks_in_flight_per_actor"] = overlap.get("max_concurrent_calls_per_actor", 1)
         ds = ds.map_batches(worker, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.num_workers, **overlap), num_gpus=gpus,
                             batch_format="numpy", **worker_options(cfg))

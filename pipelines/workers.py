@@ -130,13 +130,14 @@ class VllmTeacherWorker(TeacherActor):
     """
 
     def __init__(self, cfg, llm=None):
-        from transformers import AutoConfig, AutoProcessor
+        from transformers import AutoConfig
 
+        from mmkd.common.models import load_processor
         from mmkd.teacher_cache.vllm_backend import check_settings, load_vllm_teacher
 
         super().__init__(cfg)
         check_settings(cfg.mode, self.records, cfg.temperature)
-        self.processor = AutoProcessor.from_pretrained(cfg.teacher)
+        self.processor = load_processor(cfg.teacher, cfg.trust_remote_code)
         self.image_token_id = image_token_id(self.processor)
         head_size = AutoConfig.from_pretrained(cfg.teacher).get_text_config().vocab_size
         self.vocab_size = shared_vocab_size(self.processor, head_size)  # as the transformers backend

@@ -25,6 +25,7 @@ import torch
 
 from mmkd.common.config import InputsConfig, inline, need_at_least, need_model, need_path
 from mmkd.common.inputs import SampleTable
+from mmkd.common.models import load_processor
 from mmkd.common.preprocess import image_token_id
 from mmkd.storage.reader import TeacherCache
 from mmkd.student.data import StudentData, check_student_vocab
@@ -78,10 +79,8 @@ def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, ba
     fraction of those about an ABSENT object that the model answers "yes" (POPE's
     false-positive rate; the answer is the argmax at the first answer token).
     `inputs.data` is any input of common.inputs.read_inputs."""
-    from transformers import AutoProcessor
-
     model = load_model(model_path, device=device).eval()
-    processor = AutoProcessor.from_pretrained(model_path)
+    processor = load_processor(model_path)
     teacher_cache = TeacherCache(cache) if cache else None
     dataset = StudentData(SampleTable(inputs), processor, inputs.image_root, max_length, teacher_cache)
     if teacher_cache is not None:

@@ -291,18 +291,20 @@ def _read_safetensors(folder: Path) -> dict[str, torch.Tensor]:
 
 def load_student(folder: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """Load a student saved by save_pretrained / save_moe, in eval mode: a dense one through
-    AutoModelForImageTextToText, an MoE one by rebuilding the dense model from its config,
+    its Auto class (common.models.model_class: image-text-to-text or causal LM), an MoE one by rebuilding the dense model from its config,
     upcycling it with the saved MoEConfig and loading the weights strictly."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
+    from transformers import AutoConfig
+
+    from mmkd.common.models import model_class
 
     folder = Path(folder)
     config = AutoConfig.from_pretrained(folder)
     saved = getattr(config, MOE_CONFIG_KEY, None)
     if not saved:
-        return AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype)
+        return model_class(config).from_pretrained(folder, dtype=dtype)
     cfg = MoEConfig.from_dict(saved)
     delattr(config, MOE_CONFIG_KEY)  # upcycle() records it again
-    model = AutoModelForImageTextToText.from_config(config)
+    model = model_class(config).from_config(config)
     upcycle(model, cfg)
     state = _to_model_keys(model, _read_safetensors(folder))
     expected = model.state_dict()

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from mmkd.common.check import compare_processors
+from mmkd.common.models import is_text_only, load_processor
 from mmkd.common.preprocess import image_token_id, process_image
 from mmkd.student.model import load_model
 from mmkd.student.outputs import StudentOutputs
@@ -33,10 +34,11 @@ def check_same_inputs(teacher_processor, student_processor, teacher_path: str) -
     visual-token count and pixel values. Raises ValueError naming each difference."""
     bad = [c for c in compare_processors(teacher_processor, student_processor) if not c.ok]
     msgs = [f"{c.name}: teacher {c.teacher}, student {c.student}" for c in bad]
-    probe = Image.new("RGB", (48, 40), (30, 160, 90))
-    t_in, s_in = process_image(teacher_processor, probe)[1], process_image(student_processor, probe)[1]
-    if t_in.keys() != s_in.keys() or not all(np.array_equal(t_in[k], s_in[k]) for k in t_in):
-        msgs.append("image preprocessing: the two processors give different pixel values for the same image")
+    if not (bad or is_text_only(student_processor)):
+        probe = Image.new("RGB", (48, 40), (30, 160, 90))
+        t_in, s_in = process_image(teacher_processor, probe)[1], process_image(student_processor, probe)[1]
+        if t_in.keys() != s_in.keys() or not all(np.array_equal(t_in[k], s_in[k]) for k in t_in):
+            msgs.append("image preprocessing: the two processors give different pixel values for the same image")
     if msgs:
         raise ValueError(f"teacher {teacher_path}: it cannot read the student's batches: "
                          + "; ".join(msgs) + ". Use the teacher's processor for the student (processor: "
@@ -53,9 +55,7 @@ class OnlineTeacher:
 
     def __init__(self, path: str, student_processor, student, dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu"):
-        from transformers import AutoProcessor
-
-        check_same_inputs(AutoProcessor.from_pretrained(path), student_processor, path)
+        check_same_inputs(load_processor(path), student_processor, path)
         model = load_model(path, dtype, device).eval().requires_grad_(False)
         self.vocab_size = min(len(student_processor.tokenizer), model.get_output_embeddings().weight.shape[0])
         width = student.get_output_embeddings().weight.shape[0]

@@ -52,14 +52,14 @@ ZERO_STAGES = (0, 1, 2, 3)
 TRAIN_DTYPES = tuple(d for d in DTYPES if d != "float16")
 
 
-def row_counts(batch, image_token_id: int) -> torch.Tensor:
+def row_counts(batch, image_token_id: int | None) -> torch.Tensor:
     """float64 [len(ROW_KINDS)]: one micro-batch's (student.targets.Batch) supervised tokens
-    (of the chosen answers for preference batches, which the CE term covers), image tokens,
-    and samples."""
+    (of the chosen answers for preference batches, which the CE term covers), image tokens
+    (none for text-only models, image_token_id None), and samples."""
     labels = batch.labels[: batch.pairs] if batch.pairs else batch.labels  # the P chosen sequences come first
-    image = (batch.input_ids == image_token_id) & batch.attention_mask.bool()
-    return torch.tensor([int((labels != IGNORE_INDEX).sum()), int(image.sum()), batch.input_ids.shape[0]],
-                        dtype=torch.float64)
+    images = 0 if image_token_id is None else \
+        int(((batch.input_ids == image_token_id) & batch.attention_mask.bool()).sum())
+    return torch.tensor([int((labels != IGNORE_INDEX).sum()), images, batch.input_ids.shape[0]], dtype=torch.float64)
 
 
 def _world() -> int:

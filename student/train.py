@@ -36,10 +36,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mmkd.common.config import (ConfigError, InputsConfig, inline, need_at_least, need_between, need_choice, need_model,
-                                need_path, need_positive, refuse, to_dict)
+from mmkd.common.config import (
+    ConfigError,
+    InputsConfig,
+    inline,
+    need_at_least,
+    need_between,
+    need_choice,
+    need_model,
+    need_path,
+    need_positive,
+    refuse,
+    to_dict,
+)
 from mmkd.common.heads import DTYPES
 from mmkd.common.inputs import SampleTable
+from mmkd.common.models import is_text_only, load_processor
 from mmkd.common.preprocess import image_token_id
 from mmkd.storage.fs import write_atomic
 from mmkd.storage.plan import EpochPlan
@@ -48,7 +60,15 @@ from mmkd.storage.writer import ROW_GROUP_ROWS
 from mmkd.student import checkpoint, terms
 from mmkd.student.data import StudentData, check_student_vocab
 from mmkd.student.losses import DIVERGENCES, LEFTOVER_MODES, PREFERENCE_LOSSES, RELATION_POOLING
-from mmkd.student.model import TRAINABLE, LlavaArch, build_llava, load_model, set_trainable
+from mmkd.student.model import (
+    TRAINABLE,
+    LlavaArch,
+    build_student,
+    compose_llava,
+    composition_problem,
+    load_model,
+    set_trainable,
+)
 from mmkd.student.moe import MoEConfig, moe_param_groups, save_moe, upcycle
 from mmkd.student.optim import LR_SCHEDULES, OPTIMIZERS, build_optimizer, build_scheduler
 from mmkd.student.outputs import StudentOutputs
@@ -73,8 +93,13 @@ class TrainConfig:
     output_dir: str = ""  # where the trained model (HF folder) and logs go
     cache: str | None = None  # teacher cache folder; None trains with CE only
     online_teacher: str | None = None  # comparison only: this teacher resident, full-vocabulary KD (no cache)
-    init_from: str | None = None  # start from this saved model instead of random weights
-    arch: LlavaArch = field(default_factory=LlavaArch)  # sizes when building from scratch
+    init_from: str | None = None  # start from this saved model (multimodal or text-only) instead of random weights
+    # the seed papers' student (student.model.compose_llava): this pretrained causal LM as the LLM, the vision tower
+    # copied from `vision_from` (a multimodal model folder: the teacher's) and a new projector; saved to output_dir/init
+    student_llm: str | None = None
+    vision_from: str | None = None
+    projector_act: str = "gelu"  # activation between the new projector's two layers
+    arch: LlavaArch = field(default_factory=LlavaArch)  # sizes when building from scratch (text-only: a Llama LM)
     subset: int = 0  # train on the first N samples after a seeded shuffle; 0 = all
     objective: str = "distill"  # "distill" (CE + KD terms) or "preference" (DPO / KTO-pair)
     trainable: str = "all"  # all | projector | llm+projector | moe (see student.model.set_trainable)
@@ -194,6 +219,16 @@ def check_config(cfg: "TrainConfig") -> None:
         raise ConfigError("--keep-encoded needs --num-workers 0: worker processes cannot hand encodings back")
     if cfg.upcycle and not cfg.init_from:
         raise ConfigError("--upcycle starts from a trained dense model: set --init-from")
+    if bool(cfg.student_llm) != bool(cfg.vision_from):
+        given, other = ("student_llm", "vision_from") if cfg.student_llm else ("vision_from", "student_llm")
+        raise refuse(given, getattr(cfg, given), f"set --{other.replace('_', '-')} too: a composed student takes its "
+                                                 "LLM from --student-llm and its vision tower from --vision-from "
+                                                 "(a text-only student: --init-from the LLM)")
+    if cfg.student_llm and cfg.init_from:
+        raise ConfigError("--init-from and --student-llm/--vision-from are two starting points: set one")
+    from transformers.activations import ACT2FN
+
+    need_choice(cfg, "projector_act", tuple(ACT2FN))
 
 
 def check_paths(cfg: "TrainConfig") -> None:
@@ -201,13 +236,32 @@ def check_paths(cfg: "TrainConfig") -> None:
     need_model(cfg, "processor", "processor")
     need_path(cfg, "inputs.data", "data file or folder")
     need_path(cfg, "inputs.image_root", "image root folder", required=False)
-    for name in ("init_from", "online_teacher"):
+    for name in ("init_from", "online_teacher", "student_llm", "vision_from"):
         if getattr(cfg, name):
             need_model(cfg, name, "model", hub=False)
     if cfg.cache:
         need_path(cfg, "cache", "teacher cache folder")
     if not cfg.output_dir:
         raise refuse("output_dir", cfg.output_dir, "set the folder the model and logs go to")
+
+
+def check_model_settings(cfg: "TrainConfig", processor) -> None:
+    """What the processor (and the model folders' configs) decide: a text-only student (its
+    processor has no image token) has no image tokens for the visual terms and no projector
+    to train alone; a composed student needs an LLM, a vision tower's model and its
+    processor that fit together."""
+    if cfg.student_llm:
+        problem = composition_problem(cfg.student_llm, cfg.vision_from, processor)
+        if problem:
+            raise refuse(problem[0], getattr(cfg, problem[0]), problem[1])
+    if not is_text_only(processor):
+        return
+    for name in ("visual_weight", "relation_weight"):
+        if getattr(cfg, name):
+            raise refuse(name, getattr(cfg, name), f"0: the student is text-only ({cfg.processor} has no image "
+                                                   "processor), so there are no image tokens to distil at")
+    if cfg.trainable == "projector":
+        raise refuse("trainable", cfg.trainable, "all: a text-only student has no projector")
 
 
 @dataclass
@@ -251,7 +305,12 @@ def setup_data(cfg: TrainConfig, processor, rank: int, world: int) -> Data:
 def setup_model(cfg: TrainConfig, processor, data: Data, device: str):
     """The student (loaded or built, upcycled to MoE, frozen per stage), its wrapper that
     runs the head at the target rows, and the online teacher when that is the source."""
-    model = load_model(cfg.init_from) if cfg.init_from else build_llava(cfg.arch, processor, seed=cfg.seed)
+    if cfg.init_from:
+        model = load_model(cfg.init_from)
+    elif cfg.student_llm:
+        model = compose_llava(cfg.student_llm, cfg.vision_from, processor, cfg.projector_act, seed=cfg.seed)
+    else:
+        model = build_student(cfg.arch, processor, seed=cfg.seed)
     if cfg.upcycle:
         model = upcycle(model, cfg.moe)
     is_moe = getattr(model.config, "mmkd_moe", None) is not None
@@ -282,6 +341,22 @@ def setup_engine(cfg: TrainConfig, model, wrapped, is_moe: bool, total_steps: in
     return engine, scheduler
 
 
+def save_composed(model, processor, folder: Path, cfg: TrainConfig, log) -> None:
+    """Save a composed student before training (an ordinary HF folder with its processor),
+    so that it can be inspected and checked against the teacher (`mmkd check`)."""
+    import shutil
+
+    if (folder / "config.json").exists():
+        return  # a resumed run: saved by the first
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    os.replace(tmp, folder)
+    log(f"[train] composed the student: LLM {cfg.student_llm}, vision tower of {cfg.vision_from}, a new projector "
+        f"-> {folder} (check it: mmkd check {cfg.vision_from} {folder})")
+
+
 def loader(cfg: TrainConfig, data: Data, rank: int, world: int, epoch: int, consumed: int):
     """This rank's micro-batches of one epoch, from micro-batch `consumed` on, decoded by
     cfg.num_workers worker processes ahead of the step."""
@@ -301,9 +376,9 @@ def train(cfg: TrainConfig, log=print) -> dict:
     """Run the recipe; returns a summary (steps, final loss terms, wall time)."""
     check_config(cfg)
     check_paths(cfg)
+    processor = load_processor(cfg.processor)
+    check_model_settings(cfg, processor)
     rank, world, device = setup_distributed()
-    from transformers import AutoProcessor
-
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,12 +386,13 @@ def train(cfg: TrainConfig, log=print) -> dict:
     if finished is not None:
         return finished
 
-    processor = AutoProcessor.from_pretrained(cfg.processor)
     data = setup_data(cfg, processor, rank, world)
     total_steps = data.steps_per_epoch * cfg.epochs
     if cfg.max_steps:
         total_steps = min(total_steps, cfg.max_steps)
     model, wrapped, teacher, is_moe = setup_model(cfg, processor, data, device)
+    if cfg.student_llm and rank == 0:
+        save_composed(model, processor, out_dir / "init", cfg, log)
     n_params = sum(p.numel() for p in model.parameters())
     n_trainable = set_trainable(model, cfg.trainable)
     engine, scheduler = setup_engine(cfg, model, wrapped, is_moe, total_steps)

@@ -7,10 +7,11 @@ import json
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from mmkd.common.check import vocab_digest
 from mmkd.common.heads import DTYPES
+from mmkd.common.models import load_processor, model_class
+from mmkd.common.preprocess import image_token_id
 
 
 def resolve_device(device: str) -> torch.device:
@@ -23,7 +24,8 @@ def resolve_device(device: str) -> torch.device:
 def load_teacher(path: str, dtype: str = "float32", device: str = "auto", device_map: str | None = None,
                  trust_remote_code: bool = False):
     """(model in eval mode, processor) from a Hugging Face model folder or hub id, through
-    transformers' Auto classes (LLaVA-1.5, LLaVA-OneVision, Qwen2-VL / Qwen2.5-VL, ...).
+    transformers' Auto classes: image-text-to-text models (LLaVA-1.5, LLaVA-OneVision,
+    Qwen2-VL / Qwen2.5-VL, ...) or text-only causal LMs (common.models).
 
     device_map: None puts the whole model on `device`; "auto" (or any accelerate device map)
     spreads a teacher larger than one GPU over the visible GPUs (inputs then go to the
@@ -39,8 +41,11 @@ def load_teacher(path: str, dtype: str = "float32", device: str = "auto", device
         if importlib.util.find_spec("accelerate") is None:
             raise ValueError(f"device_map={device_map!r} needs the accelerate package: pip install accelerate")
         kwargs["device_map"] = device_map
+    from transformers import AutoConfig
+
     try:
-        model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = model_class(config).from_pretrained(path, **kwargs)
     except ValueError as e:
         if "trust_remote_code" in str(e) and not trust_remote_code:
             raise ValueError(f"{path}: this checkpoint needs its own Python code; mmkd does not run it "
@@ -49,8 +54,7 @@ def load_teacher(path: str, dtype: str = "float32", device: str = "auto", device
     if not device_map:
         model.to(resolve_device(device))
     model.eval()
-    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code)
-    return model, processor
+    return model, load_processor(path, trust_remote_code)
 
 
 def input_device(model) -> torch.device:
@@ -78,17 +82,19 @@ def weights_digest(path: str | Path) -> str:
 
 
 def processor_description(processor, num_visual_tokens: int) -> dict:
-    """Digests of everything that decides the token sequence a sample becomes."""
+    """Digests of everything that decides the token sequence a sample becomes (a text-only
+    processor: no image processor digest, image_token_id None)."""
     tok = processor.tokenizer
     vocab = json.dumps(sorted(tok.get_vocab().items(), key=lambda kv: kv[1]))
     specials = json.dumps({k: str(v) for k, v in sorted(tok.special_tokens_map.items())})
     template = getattr(processor, "chat_template", None) or tok.chat_template
+    images = processor.image_processor
     return {
         "tokenizer_sha256": _sha256_text(vocab + specials),
         "vocab_sha256": vocab_digest(tok),
         "chat_template_sha256": _sha256_text(template),
-        "image_processor_sha256": _sha256_text(processor.image_processor.to_json_string()),
-        "image_token_id": tok.convert_tokens_to_ids(processor.image_token),
+        "image_processor_sha256": None if images is None else _sha256_text(images.to_json_string()),
+        "image_token_id": image_token_id(processor),
         "num_visual_tokens": num_visual_tokens,
     }
 

@@ -87,3 +87,41 @@ def small_cache(teacher_dir, demo_dir, tmp_path_factory):
         w.add(extract_rows(model, batch, [s.id for s in chunk], img, ExtractionSpec(k=4, records=records)))
     w.close(complete=True)
     return out
+
+
+def strip_images(records: list[dict]) -> list[dict]:
+    """The records without their images: no "image" key, no <image> placeholder."""
+    out = []
+    for r in records:
+        r = {k: v for k, v in r.items() if k != "image"}
+        if "conversations" in r:
+            r["conversations"] = [{**t, "value": t["value"].replace("<image>\n", "").replace("<image>", "")}
+                                  for t in r["conversations"]]
+        out.append(r)
+    return out
+
+
+@pytest.fixture(scope="session")
+def text_dir(tmp_path_factory, demo_dir):
+    """A text-only world: root/teacher, a tiny random Llama causal LM saved with a plain-text
+    tokenizer (the demo's ids, no image processor); root/train.json, test.json and
+    preference.jsonl, the demo's samples without their images."""
+    import json
+
+    from mmkd.common.models import TextProcessor
+    from mmkd.pipelines.demo_processor import build_text_tokenizer
+    from mmkd.student.model import build_student
+
+    root = tmp_path_factory.mktemp("text")
+    tok = build_text_tokenizer(root / "teacher")
+    model = build_student(TINY, TextProcessor(tok), seed=1)
+    with torch.no_grad():  # larger weights than the default init: peaked distributions, like a trained model's
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0.0, 0.25)
+    model.save_pretrained(root / "teacher")
+    for name in ("train.json", "test.json"):
+        (root / name).write_text(json.dumps(strip_images(json.loads((demo_dir / name).read_text()))))
+    pairs = [json.loads(line) for line in (demo_dir / "preference.jsonl").read_text().splitlines()]
+    (root / "preference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in strip_images(pairs)))
+    return root

@@ -92,6 +92,7 @@ def models(tmp_path_factory, processor, demo_dir):
     converted to vLLM's weight names ("llava"); a tiny Qwen3 text model; text-only samples."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    from mmkd.pipelines.demo_processor import build_text_tokenizer
     from mmkd.student.model import LlavaArch, build_llava
 
     root = tmp_path_factory.mktemp("vllm_models")
@@ -114,7 +115,7 @@ def models(tmp_path_factory, processor, demo_dir):
             if p.dim() == 2:
                 p.normal_(0.0, 0.25)
     text.save_pretrained(root / "text")
-    processor.save_pretrained(root / "text")  # the same tokenizer and chat template
+    build_text_tokenizer(root / "text")  # the demo's ids, a plain-text chat template
 
     # The same text model with an output head padded by 5 rows past the tokenizer (as real
     # checkpoints pad theirs), the padded rows scaled up so that they reach vLLM's top k.
@@ -127,7 +128,7 @@ def models(tmp_path_factory, processor, demo_dir):
                 p.normal_(0.0, 0.25)
         padded.lm_head.weight[-PADDING:] *= 2.0
     padded.save_pretrained(root / "text_padded")
-    processor.save_pretrained(root / "text_padded")
+    build_text_tokenizer(root / "text_padded")
 
     records = json.loads((demo_dir / "train.json").read_text())[:16]
     for r in records:
@@ -273,10 +274,12 @@ def test_llava_preference_rows_equal_the_transformers_backend(vllm_raw, models, 
 
 
 def test_text_model_rows_equal_the_transformers_backend(vllm_raw, models):
-    from transformers import AutoModelForCausalLM, AutoProcessor
+    from transformers import AutoModelForCausalLM
+
+    from mmkd.common.models import load_processor
 
     model = AutoModelForCausalLM.from_pretrained(models / "text", dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(models / "text")
+    processor = load_processor(models / "text")
     samples = read_llava(models / "text.json")
     ref = reference_rows(model, processor, samples, models, ("response",))
     print("\n[vllm] Qwen3 text model response:", compare_token_tables(ref, vllm_raw["text_r"], ("response",)))
@@ -428,14 +431,17 @@ def test_vllm_outputs_map_onto_cache_positions(flat):
     assert isinstance(table, NextTokenTable)
 
 
-def test_a_padded_head_gives_the_shared_vocabularys_top_k(vllm_raw, models, processor):
+def test_a_padded_head_gives_the_shared_vocabularys_top_k(vllm_raw, models):
     """vLLM ranks over the whole (padded) head; the backend asks for k + padding entries and
     keeps the k best real ids: the transformers backend's id set. vLLM's log-probs are
     normalised over the whole head, so per row they differ from the transformers backend's
     by one constant, log(1 - the padded rows' mass)."""
     from transformers import AutoModelForCausalLM
 
+    from mmkd.common.models import load_processor
+
     model = AutoModelForCausalLM.from_pretrained(models / "text_padded").eval()
+    processor = load_processor(models / "text_padded")
     samples = read_llava(models / "text.json")
     vocab = len(processor.tokenizer)
     ref = reference_rows(model, processor, samples, models, ("response",), vocab_size=vocab)
