@@ -132,42 +132,55 @@ def step_costs(a, demo: Path, train_json: Path, caches: dict[str, str], vocab: i
     from transformers import AutoProcessor
 
     from mmkd.common.inputs import SampleList, read_inputs
-    from mmkd.common.preprocess import image_token_id
     from mmkd.pipelines.demo import DemoConfig
-    from mmkd.storage.reader import TeacherCache
-    from mmkd.student import terms
-    from mmkd.student.data import StudentData
     from mmkd.student.model import build_llava
-    from mmkd.student.online import OnlineTeacher
-    from mmkd.student.outputs import StudentOutputs
     from mmkd.student.train import TrainConfig
 
     d = DemoConfig()
     processor = AutoProcessor.from_pretrained(demo / "processor")
     samples = SampleList(read_inputs(str(train_json), image_root=str(demo / "data"))[: a.cost_steps * d.batch_size])
-
-    def batches(cache: str | None) -> list:
-        ds = StudentData(samples, processor, str(demo / "data"), 256, TeacherCache(cache) if cache else None)
-        return [ds.batch(range(s, min(s + d.batch_size, len(ds)))) for s in range(0, len(ds), d.batch_size)]
-
     topk = topk_row(max(a.k), vocab)
     sampled = sampled_row(a.draws)
-    modes = {ROW_SFT: batches(None), topk: batches(caches[topk]), sampled: batches(caches[sampled])}
-    cfg = TrainConfig(lr=d.student_lr)  # ce_weight = kd_weight = 1, as the trained rows
+    return timed_steps(lambda: build_llava(d.student_arch, processor, seed=0), processor, samples, str(demo / "data"),
+                       {ROW_SFT: None, topk: caches[topk], sampled: caches[sampled]}, str(demo / "teacher"),
+                       TrainConfig(lr=d.student_lr), d.batch_size, a.cost_rounds, vocab, log)
+
+
+def timed_steps(make_model, processor, samples, image_root: str | None, caches: dict[str, str | None],
+                teacher: str, cfg, batch_size: int, rounds: int, vocab: int, log) -> dict:
+    """{row: median ms, ratio to the SFT row (the one whose cache is None), steps timed}: a
+    training step (forward, fused loss, backward, AdamW) of a fresh make_model() per row on
+    the same batches of `samples`, the KD rows with their cache's targets and one more row,
+    ROW_ONLINE, with `teacher` resident (OnlineTeacher.fill); rows interleaved round by
+    round (the order rotating), the first round not counted (allocator and cache warm-up).
+    cfg: the TrainConfig whose weights the trained rows use."""
+    from mmkd.common.preprocess import image_token_id
+    from mmkd.storage.reader import TeacherCache
+    from mmkd.student import terms
+    from mmkd.student.data import StudentData
+    from mmkd.student.online import OnlineTeacher
+    from mmkd.student.outputs import StudentOutputs
+
+    def batches(cache: str | None) -> list:
+        ds = StudentData(samples, processor, image_root, cfg.max_length, TeacherCache(cache) if cache else None)
+        return [ds.batch(range(s, min(s + batch_size, len(ds)))) for s in range(0, len(ds), batch_size)]
+
+    sft = next(name for name, c in caches.items() if c is None)
+    modes = {name: batches(c) for name, c in caches.items()}
     states = {}
     for name in [*modes, ROW_ONLINE]:
-        model = build_llava(d.student_arch, processor, seed=0).train()
-        teacher = OnlineTeacher(str(demo / "teacher"), processor, model) if name == ROW_ONLINE else None
-        data = modes[ROW_SFT] if name == ROW_ONLINE else modes[name]
+        model = make_model().train()
+        online = OnlineTeacher(teacher, processor, model) if name == ROW_ONLINE else None
+        data = modes[sft] if name == ROW_ONLINE else modes[name]
         # one rank, no accumulation: the trainer's loss is the weighted sum of the stage's terms
-        stage = [t for t in terms.stage_terms(cfg, teacher=name != ROW_SFT, moe=False) if terms.weight_of(t, cfg)]
+        stage = [t for t in terms.stage_terms(cfg, teacher=name != sft, moe=False) if terms.weight_of(t, cfg)]
         states[name] = (StudentOutputs(model, image_token_id(processor), vocab), torch.optim.AdamW(
-            model.parameters(), lr=cfg.lr), teacher, stage, data)
+            model.parameters(), lr=cfg.lr), online, stage, data)
 
-    def step(wrapped, opt, teacher, stage, batch) -> float:
+    def step(wrapped, opt, online, stage, batch) -> float:
         t = time.perf_counter()
-        if teacher is not None:
-            teacher.fill(batch)
+        if online is not None:
+            online.fill(batch)
         coefs = {term.name: terms.weight_of(term, cfg) for term in stage}  # one rank: weight x 1
         out = wrapped(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None,
                       terms=terms.token_terms(stage, batch, cfg, coefs))
@@ -178,14 +191,14 @@ def step_costs(a, demo: Path, train_json: Path, caches: dict[str, str], vocab: i
 
     times = {name: [] for name in states}
     names = list(states)
-    for r in range(a.cost_rounds):
+    for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             per_step = [step(*states[name][:4], b) for b in states[name][4]]
-            if r > 0:  # the first round warms up allocators and caches
+            if r > 0:
                 times[name] += per_step
-        log(f"[cost] round {r + 1}/{a.cost_rounds} done")
-    sft = statistics.median(times[ROW_SFT])
-    return {name: {"median_ms": 1000 * statistics.median(t), "ratio_to_sft": statistics.median(t) / sft,
+        log(f"[cost] round {r + 1}/{rounds} done")
+    base = statistics.median(times[sft])
+    return {name: {"median_ms": 1000 * statistics.median(t), "ratio_to_sft": statistics.median(t) / base,
                    "steps_timed": len(t)} for name, t in times.items()}
 
 

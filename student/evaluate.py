@@ -11,7 +11,13 @@ is not loaded): the per-token bucket forward KL (student.losses.topk_rows), a lo
 of the full-vocabulary KL that is exact up to the top-k coarsening. With `teacher`, the
 teacher is loaded (student/online.py) and full_kl_to_teacher is the exact forward KL over
 the whole shared vocabulary: the honest metric for comparing students trained from caches
-of different k or modes (benchmarks/bench_offline_online.py).
+of different k or modes (benchmarks/bench_offline_online.py), with top1_agreement (how often
+the student's argmax is the teacher's).
+
+Every run also reports the student's cross-entropy on the reference tokens (ce) and the
+expected calibration error of its next-token confidence (ece: ECE_BINS equal-width bins of
+the argmax's probability, "correct" when the argmax is the reference token; the weighted
+mean over bins of |accuracy - confidence|).
 """
 
 from __future__ import annotations
@@ -29,10 +35,25 @@ from mmkd.common.models import load_processor
 from mmkd.common.preprocess import image_token_id
 from mmkd.storage.reader import TeacherCache
 from mmkd.student.data import StudentData, check_student_vocab
+from mmkd.student.fused import head_top1
 from mmkd.student.model import load_model
 from mmkd.student.outputs import StudentOutputs
 from mmkd.student.targets import TopK
 from mmkd.student.terms import divergence_term
+
+ECE_BINS = 15
+
+
+def calibration_error(counts: torch.Tensor, confidence: torch.Tensor, correct: torch.Tensor) -> float:
+    """Expected calibration error from per-bin sums (float64 [ECE_BINS] each): rows, sum of
+    confidences, sum of correct predictions; sum_b n_b / N x |acc_b - conf_b|."""
+    n = counts.clamp(min=1)
+    return float(((correct / n - confidence / n).abs() * counts).sum() / counts.sum().clamp(min=1))
+
+
+def _bin_of(confidence: torch.Tensor) -> torch.Tensor:
+    """Bin index of each confidence in [0, 1]: bins (i/B, (i+1)/B], 0 in the first."""
+    return (confidence * ECE_BINS).ceil().long().clamp(1, ECE_BINS) - 1
 
 
 def _answer(sample) -> str:
@@ -72,9 +93,13 @@ def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, ba
              max_length: int = 256, device: str = "cpu", teacher: str | None = None) -> dict:
     """Metrics of the model saved at model_path on the samples of `inputs`:
     accuracy (exact match), accuracy per task (the samples' "task" field, if any),
+    ce (nats per supervised token: the cross-entropy of the reference tokens), ece (the
+    expected calibration error of the argmax confidence, ECE_BINS bins),
     kl_to_teacher (nats per supervised token, the bucket KL; only with a cache),
-    full_kl_to_teacher (nats per supervised token over the full vocabulary; only with a
-    teacher folder: the teacher is loaded and run on the same batches), samples, tokens, and,
+    full_kl_to_teacher (nats per supervised token over the full vocabulary) and
+    top1_agreement (fraction of supervised positions where the student's argmax is the
+    teacher's; both only with a teacher folder: the teacher is loaded and run on the same
+    batches), samples, tokens, and,
     when the data has existence questions (task "exists"), hallucination_rate: the
     fraction of those about an ABSENT object that the model answers "yes" (POPE's
     false-positive rate; the answer is the argmax at the first answer token).
@@ -95,7 +120,8 @@ def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, ba
     yes_id = processor.tokenizer("yes", add_special_tokens=False)["input_ids"][0]
     absent, said_yes = 0, 0  # existence questions whose answer is "no" (POPE-style)
     correct, per_task, per_task_n = 0, Counter(), Counter()
-    kl_sum, kl_tokens, full_kl_sum, tokens = 0.0, 0, 0.0, 0
+    kl_sum, kl_tokens, full_kl_sum, tokens, ce_sum, agree = 0.0, 0, 0.0, 0, 0.0, 0
+    bins = torch.zeros(3, ECE_BINS, dtype=torch.float64)  # rows, confidence sum, correct sum per bin
     items = np.arange(len(dataset))
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=batches, collate_fn=lambda b: b)
@@ -106,10 +132,18 @@ def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, ba
         if isinstance(batch.response, TopK):  # top-k caches; a sampled cache holds no log-probs to compare with
             terms.append(divergence_term("kl", batch.response, kl_cfg))
         if online is not None:
-            terms.append(divergence_term("full_kl", online.targets(batch)["response"], kl_cfg))
+            dense = online.targets(batch)["response"]
+            terms.append(divergence_term("full_kl", dense, kl_cfg))
         out = rows(batch.input_ids, batch.attention_mask, batch.labels, batch.vision or None,
-                   terms={"response": terms} if terms else None, argmax=True)
+                   terms={"response": terms} if terms else None, argmax=True, token_logprobs=True)
         pred, targets, sample_of_row = out["argmax"], out["targets"], out["rows_sample"]
+        ce_sum += -out["token_logprobs"].double().sum().item()
+        confidence, hit = out["argmax_logprob"].exp().double().cpu(), (pred == targets).double().cpu()
+        at = _bin_of(confidence)
+        for i, v in enumerate((torch.ones_like(confidence), confidence, hit)):
+            bins[i].index_add_(0, at, v)
+        if online is not None:
+            agree += int((head_top1(dense.hidden, dense.head)[0] == pred).sum())
         n = len(batch.samples)
         first = torch.ones_like(sample_of_row, dtype=torch.bool)
         first[1:] = sample_of_row[1:] != sample_of_row[:-1]  # each sample's first answer token
@@ -135,6 +169,8 @@ def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, ba
     out = {
         "accuracy": correct / len(dataset),
         "per_task": {t: per_task[t] / per_task_n[t] for t in sorted(per_task_n)},
+        "ce": ce_sum / max(tokens, 1),
+        "ece": calibration_error(*bins),
         "samples": len(dataset),
         "tokens": tokens,
     }
@@ -145,6 +181,7 @@ def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, ba
         out["kl_to_teacher"] = kl_sum / kl_tokens
     if online is not None:
         out["full_kl_to_teacher"] = full_kl_sum / tokens
+        out["top1_agreement"] = agree / max(tokens, 1)
     return out
 
 

@@ -32,7 +32,7 @@ this runs (student.outputs). Plain PyTorch: the same code on CPUs and GPUs; bf16
 multiply in bf16 and accumulate the head's gradient in fp32.
 
 token_logprobs (the preference objective's answer log-probs, whose loss is not a sum over
-rows) recomputes each chunk in its backward instead; head_argmax predicts without logits.
+rows) recomputes each chunk in its backward instead; head_top1 predicts without logits.
 """
 
 from __future__ import annotations
@@ -270,8 +270,16 @@ def token_logprobs(hidden: torch.Tensor, head: Head, targets: torch.Tensor,
 
 
 @torch.no_grad()
-def head_argmax(hidden: torch.Tensor, head: Head, chunk_rows: int | None = None) -> torch.Tensor:
-    """int64 [N]: the most probable id at each row, chunk by chunk."""
+def head_top1(hidden: torch.Tensor, head: Head, chunk_rows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids int64 [N], logprobs float32 [N]): the most probable id at each row and its
+    log-probability (nats; the confidence of calibration metrics), chunk by chunk."""
     step = rows_per_chunk(head.weight.shape[0], chunk_rows)
-    out = [_logits(hidden[a:a + step], head.weight, head.bias).argmax(-1) for a in range(0, hidden.shape[0], step)]
-    return torch.cat(out) if out else torch.zeros(0, dtype=torch.long, device=hidden.device)
+    ids, logprobs = [], []
+    for a in range(0, hidden.shape[0], step):
+        z = _logits(hidden[a:a + step], head.weight, head.bias)
+        top, at = z.max(-1)
+        ids.append(at)
+        logprobs.append(top - torch.logsumexp(z, -1))
+    if not ids:
+        return torch.zeros(0, dtype=torch.long, device=hidden.device), hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(ids), torch.cat(logprobs)

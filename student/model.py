@@ -147,11 +147,31 @@ def composition_problem(student_llm: str, vision_from: str, processor) -> tuple[
     if is_multimodal_config(l_cfg):
         return "student_llm", (f"{student_llm} is a multimodal ({l_cfg.model_type}) model; give a text-only causal "
                                "LM (or start from this model with --init-from)")
+    wrong = _tokenizer_mismatch(student_llm, processor.tokenizer)
+    if wrong:
+        return "student_llm", wrong
     img = image_token_id(processor)
     if img is None or img != t_cfg.image_token_id:
         return "processor", (f"its image token id is {img}, {vision_from}'s is {t_cfg.image_token_id}; use the "
                              "processor of the model the vision tower comes from (the teacher's)")
     return None
+
+
+def _tokenizer_mismatch(student_llm: str, tokenizer) -> str | None:
+    """Why the LLM's own tokenizer (when its folder has one) maps tokens to other ids than
+    the processor's, else None: its embedding rows would then belong to other tokens."""
+    from transformers import AutoTokenizer
+
+    try:
+        own = AutoTokenizer.from_pretrained(student_llm)
+    except (OSError, ValueError):  # no tokenizer shipped: its rows are taken as the processor's first ids
+        return None
+    theirs = tokenizer.get_vocab()
+    wrong = sorted(t for t, i in own.get_vocab().items() if theirs.get(t) != i)
+    if not wrong:
+        return None
+    return (f"{len(wrong)} of its tokenizer's {len(own)} tokens have other ids in the processor's tokenizer (e.g. "
+            f"{wrong[0]!r}); the student LLM must share the teacher's tokenizer (a model of the same family)")
 
 
 def compose_llava(student_llm: str, vision_from: str, processor, projector_act: str = "gelu", seed: int = 0):

@@ -12,7 +12,7 @@ import torch
 
 from mmkd.common.heads import head_gram, output_head, relation_matrix, supervised_rows, visual_rows
 from mmkd.common.preprocess import VISION_KEYS
-from mmkd.student.fused import TokenTerm, head_argmax, token_losses
+from mmkd.student.fused import TokenTerm, head_top1, token_losses
 from mmkd.student.fused import token_logprobs as fused_token_logprobs
 
 
@@ -32,7 +32,8 @@ class StudentOutputs(torch.nn.Module):
     relation: relations, per sample R = Z Z^T [n, n] of the raw logits at its image tokens,
         as H (W^T W) H^T (common.heads.relation_matrix; gradients reach H and W).
     token_logprobs: token_logprobs [N], log q of each supervised token (differentiable).
-    argmax: argmax [N], the most probable id at each response row.
+    argmax: argmax [N], the most probable id at each response row, and argmax_logprob [N]
+        float32, its log-probability (nats).
     hidden_rows: hidden {row set: [rows, d]} and head (the online teacher's targets).
     vision: the batch's image inputs (pixel_values and the family's image_sizes /
         image_grid_thw, see common.preprocess.VISION_KEYS), or None for text-only batches.
@@ -65,7 +66,7 @@ class StudentOutputs(torch.nn.Module):
         if token_logprobs:
             out["token_logprobs"] = fused_token_logprobs(rows["response"], head, out["targets"])
         if argmax:
-            out["argmax"] = head_argmax(rows["response"], head)
+            out["argmax"], out["argmax_logprob"] = head_top1(rows["response"], head)
         if hidden_rows:
             out["hidden"], out["head"] = rows, head
         if relation:

@@ -24,7 +24,24 @@ def llm_dir(tmp_path_factory, processor):
     model = build_student(arch, TextProcessor(processor.tokenizer), seed=5)
     model.resize_token_embeddings(len(processor.tokenizer) - 1)
     model.save_pretrained(d)
+    processor.tokenizer.save_pretrained(d)  # its own tokenizer: the teacher's ids
     return d
+
+
+def _swapped_tokenizer_llm(llm_dir, tokenizer, out):
+    """llm_dir's weights with a tokenizer whose first two word ids are swapped."""
+    import shutil
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    shutil.copytree(llm_dir, out)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    a, b = [t for t in vocab if not t.startswith("<")][:2]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec))).save_pretrained(out)
+    return out
 
 
 def _weights(folder) -> dict[str, torch.Tensor]:
@@ -70,7 +87,7 @@ def test_train_composes_the_student_saves_it_and_check_accepts_the_pair(llm_dir,
     assert "MISMATCH" not in capsys.readouterr().out
 
 
-def test_composition_settings_are_refused_at_the_door(llm_dir, teacher_dir, demo_dir, tmp_path, capsys):
+def test_composition_settings_are_refused_at_the_door(llm_dir, teacher_dir, demo_dir, processor, tmp_path, capsys):
     base = ["train", "--processor", str(teacher_dir), "--data", str(demo_dir / "train.json"), "--image-root",
             str(demo_dir), "--output-dir", str(tmp_path / "x"), "--num-workers", "0"]
     for extra, words in ((["--student-llm", str(llm_dir)], "--student-llm"),
@@ -87,5 +104,9 @@ def test_composition_settings_are_refused_at_the_door(llm_dir, teacher_dir, demo
     assert "--student-llm" in capsys.readouterr().err
     assert main([*base, "--student-llm", str(llm_dir), "--vision-from", str(llm_dir), "--max-steps", "1"]) == 2
     assert "--vision-from" in capsys.readouterr().err
+    swapped = _swapped_tokenizer_llm(llm_dir, processor.tokenizer, tmp_path / "swapped")
+    assert main([*base, "--student-llm", str(swapped), "--vision-from", str(teacher_dir), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--student-llm" in err and "2 of its tokenizer's" in err and "same family" in err
     assert not (tmp_path / "x" / "init").exists()
     assert json.loads((teacher_dir / "config.json").read_text())["model_type"] == "llava"

@@ -249,7 +249,10 @@ def test_token_logprobs_and_argmax():
     _close(lp, ref.detach(), 1e-5)
     for g, r in ((hh.grad, h64.grad), (ww.grad, w64.grad), (bb.grad, b64.grad)):
         _close(g, r, 1e-5)
-    assert torch.equal(fused.head_argmax(h, Head(w, b), chunk_rows=4), (h @ w.T + b).argmax(-1))
+    ids, top_lp = fused.head_top1(h, Head(w, b), chunk_rows=4)
+    dense = torch.log_softmax((h @ w.T + b).double(), -1)
+    assert torch.equal(ids, dense.argmax(-1))
+    _close(top_lp, dense.max(-1).values, 1e-5)
     assert math.isclose(fused.rows_per_chunk(151_936), fused.CHUNK_BYTES // (4 * 151_936))
 
 

@@ -48,6 +48,32 @@ def test_a_tokenizer_folder_is_a_text_processor_that_encodes_like_its_template(t
                                                        {"role": "assistant", "content": "red"}]), None, 256)
 
 
+def _dense_metrics(student_dir, teacher_dir, samples) -> dict:
+    """The eval metrics recomputed from whole logits, one sample at a time (the reference)."""
+    from transformers import AutoModelForCausalLM
+
+    student, teacher = (AutoModelForCausalLM.from_pretrained(str(d)).eval() for d in (student_dir, teacher_dir))
+    processor = load_processor(str(student_dir))
+    ce, kl, agree, conf, hit = [], [], [], [], []
+    for s in samples:
+        enc = encode_sample(processor, s, None, 256)
+        ids = torch.from_numpy(enc.input_ids)[None]
+        pos = torch.from_numpy(np.nonzero(enc.labels != IGNORE_INDEX)[0])
+        with torch.no_grad():
+            q, p = (torch.log_softmax(m(ids).logits[0, pos - 1].double(), -1) for m in (student, teacher))
+        ref = torch.from_numpy(enc.labels)[pos]
+        ce += (-q.gather(-1, ref[:, None])[:, 0]).tolist()
+        kl += (p.exp() * (p - q)).sum(-1).tolist()
+        agree += (q.argmax(-1) == p.argmax(-1)).tolist()
+        conf += q.max(-1).values.exp().tolist()
+        hit += (q.argmax(-1) == ref).tolist()
+    conf, hit = np.array(conf), np.array(hit, dtype=float)
+    edges = np.linspace(0, 1, 16)
+    ece = sum(abs(hit[m].mean() - conf[m].mean()) * m.sum() for lo, hi in zip(edges[:-1], edges[1:])
+              if (m := (conf > lo) & (conf <= hi)).any()) / len(conf)
+    return {"ce": np.mean(ce), "full_kl_to_teacher": np.mean(kl), "top1_agreement": np.mean(agree), "ece": ece}
+
+
 @pytest.mark.slow
 def test_text_only_teacher_pass_train_eval_and_check(ray_local, text_dir, tmp_path, capsys):
     """Response KD (top-k), sampled KD and preference distillation from a text-only teacher's
@@ -112,4 +138,7 @@ def test_text_only_teacher_pass_train_eval_and_check(ray_local, text_dir, tmp_pa
                  "--out", str(tmp_path / "eval.json")]) == 0
     metrics = json.loads((tmp_path / "eval.json").read_text())
     assert metrics["samples"] == 16 and metrics["full_kl_to_teacher"] > 0
+    ref = _dense_metrics(out, teacher, read_llava(text_dir / "test.json"))
+    for key, tol in (("ce", 1e-4), ("full_kl_to_teacher", 1e-4), ("top1_agreement", 0), ("ece", 1e-5)):
+        assert abs(metrics[key] - ref[key]) <= tol, (key, metrics[key], ref[key])
     assert main(["check", teacher, str(out), "--cache", str(tmp_path / "topk")]) == 0
