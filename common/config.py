@@ -170,6 +170,23 @@ def to_dict(cfg) -> dict:
     return out
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+    return out
+
+
+def command_line(command: str, cfg) -> str:
+    """The `mmkd COMMAND` line that gives cfg: a flag for every setting that differs from
+    its default (a record of what made an output, e.g. the cache manifest's `command`)."""
+    import shlex
+
+    given, default = _flat(to_dict(cfg)), _flat(to_dict(type(cfg)()))
+    flags = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in given.items() if v != default.get(k)]
+    return " ".join(["mmkd", command, *flags])
+
+
 def _scalar_type(tp):
     """(python type, optional?) of a field annotation like `int`, `str | None`."""
     if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:

@@ -361,6 +361,24 @@ def read_config_inputs(inputs, pairs: bool = False, errors: list | None = None) 
                        inputs.id_column, errors)
 
 
+def input_identity(inputs, num_samples: int) -> dict:
+    """A data source's portable identity (the cache manifest's `inputs`): its name (file or
+    folder name), absolute path, the sha256 of a single data file (folders: None), the split
+    and the number of samples read."""
+    data = str(inputs.data)
+    path = os.path.abspath(data) if os.path.exists(data) else data
+    digest = None
+    if os.path.isfile(data):
+        h = hashlib.sha256()
+        with open(data, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        digest = h.hexdigest()
+    out = {"data": os.path.basename(path.rstrip("/")) or path, "path": path, "sha256": digest,
+           "num_samples": num_samples}
+    return out | ({"split": inputs.data_split} if inputs.data_split else {})
+
+
 def load_image(image_root: str | Path, sample: Sample) -> Image.Image | None:
     """The sample's image as RGB, whatever its source; None if it has none.
 

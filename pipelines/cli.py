@@ -130,8 +130,24 @@ def cmd_cache_subset(args) -> int:
 
     with open(args.ids) as f:
         ids = [line.strip() for line in f if line.strip()]
-    m = subset_cache(args.input, args.output, ids)
+    m = subset_cache(args.input, args.output, ids, args.ids)
     print(f"subset: {m.num_rows} samples in {len(m.shards)} shards -> {args.output}")
+    return 0
+
+
+def cmd_cache_export(args) -> int:
+    from mmkd.storage.export import export_cache
+
+    info = export_cache(args.input, args.output, args.format)
+    print(f"exported {info.rows} samples as {len(info.files)} {info.file_format} files -> {args.output}")
+    return 0
+
+
+def cmd_cache_push(args) -> int:
+    from mmkd.storage.hub import push_cache
+
+    url = push_cache(args.path, args.repo_id, private=args.private, revision=args.revision)
+    print(f"published: {url}  (read it with mmkd train --cache {url})")
     return 0
 
 
@@ -196,7 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--trust-remote-code", action="store_true", help="allow checkpoints' own Python code")
     ck.set_defaults(func=cmd_check)
 
-    cache = sub.add_parser("cache", help="Inspect, verify, merge or subset teacher caches.")
+    cache = sub.add_parser("cache", help="Inspect, verify, merge, subset, export or publish teacher caches.")
     csub = cache.add_subparsers(dest="cache_command", required=True)
     ins = csub.add_parser("inspect", help="Manifest summary, sizes, bytes per token, teacher statistics.")
     ins.add_argument("path")
@@ -215,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     sbs.add_argument("output")
     sbs.add_argument("--ids", required=True, help="text file with one sample id per line")
     sbs.set_defaults(func=cmd_cache_subset)
+    exp = csub.add_parser("export", help="Write the targets as plain columns (ids by probability, float32 "
+                                         "log-probs) that any Parquet/JSON reader reads without mmkd.")
+    exp.add_argument("input", help="cache folder or URL")
+    exp.add_argument("output", help="new folder (or fsspec URL) for the plain files")
+    exp.add_argument("--format", default="parquet", help="parquet (default) or jsonl")
+    exp.set_defaults(func=cmd_cache_export)
+    push = csub.add_parser("push", help="Publish a complete, verified cache as a Hugging Face Hub dataset (one "
+                                        "commit); read it back as hf://datasets/REPO_ID.")
+    push.add_argument("path", help="local cache folder")
+    push.add_argument("repo_id", help="Hub dataset repository, e.g. my-org/llava-13b-topk64 (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repository private")
+    push.add_argument("--revision", help="branch to commit to (created if missing; default main)")
+    push.set_defaults(func=cmd_cache_push)
     return p
 
 

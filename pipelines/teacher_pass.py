@@ -16,11 +16,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from mmkd.common.config import (
     ConfigError,
     InputsConfig,
+    command_line,
     inline,
     need_at_least,
     need_between,
@@ -31,17 +33,20 @@ from mmkd.common.config import (
     refuse,
 )
 from mmkd.common.heads import DTYPES
-from mmkd.common.inputs import read_config_inputs
+from mmkd.common.inputs import input_identity, read_config_inputs
 from mmkd.common.preprocess import image_token_count
 from mmkd.pipelines.batching import batch_blocks, estimated_tokens, plan_batches, teacher_tokenizer
 from mmkd.pipelines.progress import Progress
 from mmkd.pipelines.quarantine import Quarantine, worker_options
 from mmkd.pipelines.workers import TeacherWorker, VllmTeacherWorker, sample_item
-from mmkd.storage.manifest import Manifest
+from mmkd.storage.manifest import Manifest, mmkd_version
 from mmkd.storage.schema import MODES, RAW_SCHEMA
 from mmkd.storage.writer import BackgroundWriter, count_targets, open_writer
 from mmkd.teacher_cache.extract import parse_records
 from mmkd.teacher_cache.vllm_backend import check_backend, check_settings
+
+if TYPE_CHECKING:
+    from mmkd.teacher_cache.teacher import TeacherSource
 
 
 @dataclass
@@ -88,12 +93,16 @@ def read_inputs(cfg: TeacherPassConfig, errors: list | None = None) -> list:
     return read_config_inputs(cfg.inputs, pairs=parse_records(cfg.records) == ["preference"], errors=errors)
 
 
-def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
+def build_manifest(cfg: TeacherPassConfig, num_samples: int, source: TeacherSource | None = None,
+                   command: str | None = None) -> Manifest:
+    """The manifest of the pass cfg describes (cfg.teacher: a local folder; source: where it
+    came from, when resolved from a Hub id; inputs: the data's portable identity; command:
+    the mmkd command line of the pass, default the one cfg gives)."""
     from transformers import AutoConfig
 
     from mmkd.common.check import shared_vocab_size
     from mmkd.common.models import is_text_only, load_processor
-    from mmkd.teacher_cache.teacher import processor_description, teacher_description
+    from mmkd.teacher_cache.teacher import processor_description, resolve_teacher, teacher_description
 
     processor = load_processor(cfg.teacher, cfg.trust_remote_code)
     head_size = AutoConfig.from_pretrained(cfg.teacher, trust_remote_code=cfg.trust_remote_code
@@ -113,14 +122,15 @@ def build_manifest(cfg: TeacherPassConfig, num_samples: int) -> Manifest:
         raise refuse("draws", cfg.draws, "use 1 to 255 draws per position")
     width = {"k": cfg.k} if cfg.mode == "topk" else {"draws": cfg.draws, "seed": cfg.seed}
     return Manifest(
-        teacher=teacher_description(cfg.teacher, cfg.dtype, head_size),
+        teacher=teacher_description(source or resolve_teacher(cfg.teacher), cfg.dtype, head_size),
         processor=processor_description(processor, image_token_count(processor)),
         vocab_size=vocab,
         extraction={"mode": cfg.mode, **width, "temperature": cfg.temperature, "record_kinds": kinds,
                     "positions": "; ".join(f"{k}: {_POSITIONS[k]}" for k in kinds), "max_length": cfg.max_length,
                     "backend": cfg.backend},
-        inputs={"data": str(cfg.inputs.data), "num_samples": num_samples,
-                **({"split": cfg.inputs.data_split} if cfg.inputs.data_split else {})},
+        inputs=input_identity(cfg.inputs, num_samples),
+        mmkd_version=mmkd_version(),
+        command=command or command_line("teacher-pass", cfg),
     )
 
 
@@ -162,15 +172,29 @@ def check_config(cfg: TeacherPassConfig) -> None:
             raise refuse("vllm_args", cfg.vllm_args, "give a JSON object of vllm.LLM arguments")
 
 
+def teacher_source(teacher: str) -> "TeacherSource":
+    """The teacher resolved once (teacher_cache.teacher.resolve_teacher); a Hub id that
+    cannot be fetched is a ConfigError naming --teacher."""
+    from mmkd.teacher_cache.teacher import resolve_teacher
+
+    try:
+        return resolve_teacher(teacher)
+    except Exception as e:  # noqa: BLE001 - huggingface_hub's network, auth and not-found errors alike
+        raise refuse("teacher", teacher, f"cannot fetch it from the Hugging Face Hub ({type(e).__name__}: {e}); "
+                                         "check the id, your network or HF_TOKEN, or give a local folder") from e
+
+
 def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
     """Run (or resume) the teacher pass; returns the final manifest."""
     import ray
 
     check_config(cfg)
+    source, command = teacher_source(cfg.teacher), command_line("teacher-pass", cfg)
+    cfg = replace(cfg, teacher=source.folder)  # every load below, and the workers', reads this one snapshot
     read_errors = None if cfg.fail_fast else []  # --fail-fast: the first malformed record stops the pass
     samples = read_inputs(cfg, read_errors)
-    writer = open_writer(cfg.output, build_manifest(cfg, len(samples)), cfg.rows_per_shard, replace=cfg.new_cache,
-                         shuffle_seed=cfg.seed)
+    writer = open_writer(cfg.output, build_manifest(cfg, len(samples), source, command), cfg.rows_per_shard,
+                         replace=cfg.new_cache, shuffle_seed=cfg.seed)
     quarantine = Quarantine(cfg.output, writer, read_errors or [], cfg.fail_fast, cfg.max_retries, log)
     done = {sid for s in writer.manifest.shards for sid in s.sample_ids}
     pending = [s for s in samples if s.id not in done]
@@ -208,7 +232,7 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
         # no batch waits queued on an actor beyond those it runs (Ray Data queues up to 4): a worker that dies
         # takes down only the batches it was running, not innocent ones queued behind them
         overlap["max_tasks_in_flight_per_actor"] = overlap.get("max_concurrent_calls_per_actor", 1)
-        ds = ds.map_batches(worker, fn_constructor_kwargs={"cfg": cfg}, batch_size=cfg.batch_size,
+        ds = ds.map_batches(worker, fn_constructor_kwargs={"cfg": cfg, "source": source}, batch_size=cfg.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=cfg.num_workers, **overlap), num_gpus=gpus,
                             batch_format="numpy", **worker_options(cfg))
         shards_before = len(writer.manifest.shards)

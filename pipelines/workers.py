@@ -1,7 +1,8 @@
 """The teacher pass's Ray actors: a batch of samples in, cache rows out.
 
 Both backends share one contract and one body (TeacherActor): constructed with the
-TeacherPassConfig; called with a map_batches batch ({"sample": [JSON of a Sample or
+TeacherPassConfig (and the driver's TeacherSource: a worker on a node without the driver's
+snapshot of a Hub teacher fetches the same commit); called with a map_batches batch ({"sample": [JSON of a Sample or
 PreferencePair]}, see sample_item); each sample is encoded on its own by the one
 encode_sample (pipelines.quarantine.encode_each, so both backends score identical ids and
 set aside the same bad samples); the teacher scores the samples that encoded; the answer is
@@ -16,7 +17,7 @@ import json
 import os
 import threading
 import zlib
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pyarrow as pa
 
@@ -38,7 +39,9 @@ class TeacherActor:
     image_token_id and vocab_size in its constructor and implements score_samples and
     score_pairs."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, source=None):
+        if source is not None:
+            cfg = replace(cfg, teacher=source.local_folder())
         self.cfg = cfg
         self.records = parse_records(cfg.records)
 
@@ -74,14 +77,15 @@ class TeacherActor:
 class TeacherWorker(TeacherActor):
     """The transformers backend: holds the teacher model (teacher_cache.teacher.load_teacher)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, source=None):
         import torch
 
         from mmkd.common.heads import head_gram, output_head
         from mmkd.teacher_cache.extract import ExtractionSpec
         from mmkd.teacher_cache.teacher import input_device, load_teacher
 
-        super().__init__(cfg)
+        super().__init__(cfg, source)
+        cfg = self.cfg
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
         self.model, self.processor = load_teacher(cfg.teacher, cfg.dtype, cfg.device, cfg.device_map or None,
                                                   cfg.trust_remote_code)
@@ -129,13 +133,14 @@ class VllmTeacherWorker(TeacherActor):
     JSON object, overrides any vllm.LLM argument).
     """
 
-    def __init__(self, cfg, llm=None):
+    def __init__(self, cfg, llm=None, source=None):
         from transformers import AutoConfig
 
         from mmkd.common.models import load_processor
         from mmkd.teacher_cache.vllm_backend import check_settings, load_vllm_teacher
 
-        super().__init__(cfg)
+        super().__init__(cfg, source)
+        cfg = self.cfg
         check_settings(cfg.mode, self.records, cfg.temperature)
         self.processor = load_processor(cfg.teacher, cfg.trust_remote_code)
         self.image_token_id = image_token_id(self.processor)

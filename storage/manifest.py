@@ -8,6 +8,7 @@ JSON only: loading a cache never executes code.
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -18,6 +19,22 @@ from mmkd.storage.tables import CodecSettings, TargetSettings
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "mmkd-teacher-cache"
+
+
+def mmkd_version() -> str:
+    """The installed mmkd's version (what the manifest records as mmkd_version)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mmkd")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
+def unreachable(where: str, e: BaseException) -> CacheError:
+    """The error for a cache location that cannot be read at all (network, credentials, URL)."""
+    return CacheError(f"{where}: cannot read it ({type(e).__name__}: {e}); check the path or URL, the network and "
+                      "the credentials (HF_TOKEN for hf://, the cloud SDK's for s3:// and gs://)")
 
 
 @dataclass
@@ -39,10 +56,15 @@ class ShardInfo:
 class Manifest:
     """What was run to make the cache, and which shards are committed.
 
-    teacher: {"path", "weights_sha256", "dtype"}; processor: {"tokenizer_sha256",
+    teacher: {"name" (a Hub id, or the folder's name), "path" (where it was loaded from:
+    the Hub id, or the folder's absolute path), "revision" (the Hub commit, None for a local
+    folder), "weights_sha256", "dtype", "head_size"}; processor: {"tokenizer_sha256",
     "chat_template_sha256", "image_processor_sha256", "image_token_id",
     "num_visual_tokens"}; extraction: {"mode", "k", "draws", "temperature",
-    "record_kinds", "positions", "max_length"}; codec: CodecSettings as a dict.
+    "record_kinds", "positions", "max_length"}; codec: CodecSettings as a dict; inputs: the
+    data's identity ({"data": its name, "path", "sha256" of a data file, "num_samples",
+    "split"}; merge and subset: the caches they came from). mmkd_version and command: what
+    wrote the cache (None in caches made before 2026-12).
     """
 
     teacher: dict
@@ -57,6 +79,8 @@ class Manifest:
     format: str = FORMAT_NAME
     cache_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    mmkd_version: str | None = None
+    command: str | None = None
 
     @property
     def k(self) -> int:
@@ -83,8 +107,9 @@ class Manifest:
         """Everything that defines the cache's contents (not its progress): two passes
         with equal settings make interchangeable rows."""
         return {
-            # where the teacher was loaded from does not change its outputs; its weights do
-            "teacher": {k: v for k, v in self.teacher.items() if k != "path"},
+            # where the teacher was loaded from (its name, path, Hub revision) does not change
+            # its outputs; its weights do
+            "teacher": {k: v for k, v in self.teacher.items() if k not in ("path", "name", "revision")},
             "processor": self.processor,
             "vocab_size": self.vocab_size,
             "extraction": self.extraction,
@@ -104,12 +129,20 @@ class Manifest:
 
     @classmethod
     def load(cls, cache_dir: str) -> "Manifest":
-        fs, root = open_fs(cache_dir)
-        path = join(root, MANIFEST_NAME)
-        if not fs.exists(path):
-            raise CacheError(f"{path}: no manifest; is {cache_dir} a teacher cache (mmkd teacher-pass output)?")
         try:
-            d = json.loads(fs.cat_file(path))
+            fs, root = open_fs(cache_dir)
+            path = join(root, MANIFEST_NAME)
+            raw = fs.cat_file(path) if fs.exists(path) else None
+        except Exception as e:  # noqa: BLE001 - any fsspec backend's network, auth or protocol error
+            raise unreachable(cache_dir, e) from e
+        if raw is None:
+            hint = ""
+            if str(cache_dir).startswith("hf://") and os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true",
+                                                                                                     "yes", "on"):
+                hint = " (HF_HUB_OFFLINE is set: hf:// URLs need the network; unset it)"
+            raise CacheError(f"{path}: no manifest; is {cache_dir} a teacher cache (mmkd teacher-pass output)?{hint}")
+        try:
+            d = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise CacheError(f"{path}: not valid JSON ({e}); the manifest was damaged or edited") from e
         if not isinstance(d, dict):

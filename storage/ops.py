@@ -8,21 +8,23 @@ encoded form (no decoding, so values are not quantised twice).
 
 from __future__ import annotations
 
+import shlex
 import uuid
 from datetime import datetime, timezone
 
 import pyarrow as pa
 
-from mmkd.storage.manifest import Manifest
+from mmkd.storage.manifest import Manifest, mmkd_version
 from mmkd.storage.reader import TeacherCache
 from mmkd.storage.schema import CacheError
 from mmkd.storage.writer import CacheWriter
 
 
-def _fresh_copy(m: Manifest, inputs: dict) -> Manifest:
+def _fresh_copy(m: Manifest, inputs: dict, command: list[str]) -> Manifest:
     return Manifest(teacher=dict(m.teacher), processor=dict(m.processor), vocab_size=m.vocab_size,
                     extraction=dict(m.extraction), codec=dict(m.codec), inputs=inputs, shards=[],
-                    cache_id=uuid.uuid4().hex, created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                    cache_id=uuid.uuid4().hex, created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    mmkd_version=mmkd_version(), command=shlex.join(["mmkd", "cache", *command]))
 
 
 def merge_caches(inputs: list[str], output: str) -> Manifest:
@@ -44,7 +46,7 @@ def merge_caches(inputs: list[str], output: str) -> Manifest:
                                  "(`mmkd cache subset`) before merging")
             owner[sid] = c.path
     out = _fresh_copy(caches[0].manifest, {"merged_from": [c.manifest.cache_id for c in caches],
-                                           "num_samples": len(owner)})
+                                           "num_samples": len(owner)}, ["merge", output, *inputs])
     writer = CacheWriter(output, out)
     for c in caches:
         for s in c.manifest.shards:
@@ -52,15 +54,17 @@ def merge_caches(inputs: list[str], output: str) -> Manifest:
     return writer.close(complete=all(c.manifest.complete for c in caches))
 
 
-def subset_cache(source: str, output: str, sample_ids: list[str]) -> Manifest:
-    """A cache holding exactly the rows of `sample_ids` (all must be in `source`)."""
+def subset_cache(source: str, output: str, sample_ids: list[str], ids_file: str = "IDS") -> Manifest:
+    """A cache holding exactly the rows of `sample_ids` (all must be in `source`; ids_file:
+    the file they came from, for the manifest's command)."""
     cache = TeacherCache(source)
     wanted = set(sample_ids)
     missing = wanted - set(cache.sample_ids())
     if missing:
         raise CacheError(f"{source}: {len(missing)} requested samples are not in the cache "
                          f"(first: {sorted(missing)[:5]})")
-    out = _fresh_copy(cache.manifest, {"subset_of": cache.manifest.cache_id, "num_samples": len(wanted)})
+    out = _fresh_copy(cache.manifest, {"subset_of": cache.manifest.cache_id, "num_samples": len(wanted)},
+                      ["subset", source, output, "--ids", ids_file])
     writer = CacheWriter(output, out)
     for s in cache.manifest.shards:
         keep = [i for i, sid in enumerate(s.sample_ids) if sid in wanted]

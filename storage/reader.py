@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from mmkd.storage.fs import join, open_fs
-from mmkd.storage.manifest import Manifest, ShardInfo
+from mmkd.storage.manifest import Manifest, ShardInfo, unreachable
 from mmkd.storage.plan import EpochPlan
 from mmkd.storage.schema import STORED_SCHEMA, TOKEN_KINDS, CacheError, CacheRow, RowBatch
 from mmkd.storage.tables import VOCAB_ORDER_KEY, decode_batch, decode_codes, unpack_order
@@ -74,7 +74,11 @@ class TeacherCache:
 
     def file_problems(self) -> list[str]:
         """Listed shards that are missing or whose size differs from the manifest."""
-        sizes = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p["size"] for p in self.fs.ls(self.root, detail=True)}
+        try:
+            listing = self.fs.ls(self.root, detail=True)
+        except Exception as e:  # noqa: BLE001 - any fsspec backend's network or auth error
+            raise unreachable(self.path, e) from e
+        sizes = {p["name"].rstrip("/").rsplit("/", 1)[-1]: p["size"] for p in listing}
         out = []
         for s in self.manifest.shards:
             p = self.shard_path(s)
@@ -177,12 +181,16 @@ class TeacherCache:
     def iter_rows(self) -> Iterator[CacheRow]:
         """Every row, shard by shard in manifest order (one shard in memory at a time)."""
         for s in self.manifest.shards:
-            f = self._parquet(s)
-            try:
-                table = f.read()
-            except (OSError, pa.ArrowException) as e:
-                raise self.damaged(s, f"unreadable Parquet ({e})") from e
-            yield from self.decode(table, self.vocab_order(f, s), self.shard_path(s))
+            yield from self.decode_shard(s)
+
+    def decode_shard(self, s: ShardInfo) -> list[CacheRow]:
+        """One shard's rows, decoded, in stored order."""
+        f = self._parquet(s)
+        try:
+            table = f.read()
+        except (OSError, pa.ArrowException) as e:
+            raise self.damaged(s, f"unreadable Parquet ({e})") from e
+        return self.decode(table, self.vocab_order(f, s), self.shard_path(s))
 
     def rows(self) -> dict[str, CacheRow]:
         """Every row decoded, keyed by sample id (small caches: tests and tools; trainers

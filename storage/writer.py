@@ -1,11 +1,19 @@
 """Crash-safe shard writing: a shard is either committed (in the manifest) or invisible.
 
-Commit order: encode the buffered rows, write ``.shard-*.tmp``, fsync, rename to
-``shard-*.parquet``, fsync the folder (storage.fs.write_atomic), then list it in the
-manifest (atomic rewrite). A crash before the manifest rewrite leaves an unlisted file that
-readers never see and the next writer deletes. One writer per cache folder at a time,
-enforced on local disks with an OS lock that dies with its process (so kill -9 leaves no stale lock). On object stores (s3://,
-gs://) there is no lock: run one teacher-pass driver per cache (it is the only writer).
+Commit order: encode the buffered rows, write ``.train-*.tmp``, fsync, rename to
+``train-NNNNN-<uuid>.parquet``, fsync the folder (storage.fs.write_atomic), then list it in
+the manifest (atomic rewrite). A crash before the manifest rewrite leaves an unlisted file
+that readers never see and the next writer deletes. Shard names start with the split name
+"train" so that `datasets.load_dataset("parquet", data_dir=CACHE)` takes the shards (and not
+manifest.json) as the data set's files; shards named ``shard-*`` by older versions read the
+same (readers take names from the manifest). Closing the writer also rewrites the dataset
+card (storage.card, README.md).
+
+One writer per cache folder at a time, enforced on local disks with an OS lock on
+``.writer.lock``: the lock dies with its process (kill -9 leaves no held lock, only the
+file, which the next writer takes), and a writer that closes removes the file. On object
+stores (s3://, gs://) there is no lock: run one teacher-pass driver per cache (it is the
+only writer).
 """
 
 from __future__ import annotations
@@ -13,18 +21,22 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import io
+import os
 import uuid
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from mmkd.storage.card import write_card
 from mmkd.storage.fs import is_local, join, open_fs, write_atomic
 from mmkd.storage.manifest import MANIFEST_NAME, Manifest, ShardInfo
 from mmkd.storage.schema import RAW_SCHEMA, TOKEN_KINDS, CacheError
 from mmkd.storage.tables import encode_raw
 
 LOCK_NAME = ".writer.lock"
+SHARD_PREFIX = "train-"  # the split datasets' file patterns give the shards
+OLD_SHARD_PREFIX = "shard-"  # shards written before 2026-12
 # The teacher pass's record of quarantined samples (pipelines/quarantine.py): beside the
 # shards, never a shard; readers ignore it and writers leave it (the pass replaces it).
 ERRORS_NAME = "errors.jsonl"
@@ -90,14 +102,7 @@ class CacheWriter:
         self.path = str(cache_dir)
         self.fs, self.root = open_fs(cache_dir)
         self.fs.makedirs(self.root, exist_ok=True)
-        self._lock = None
-        if is_local(self.fs):
-            self._lock = open(join(self.root, LOCK_NAME), "w")
-            try:
-                fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                self._lock.close()
-                raise CacheError(f"{self.path}: another process is writing this cache; wait for it or use another folder")
+        self._lock = self._acquire_lock() if is_local(self.fs) else None
         self.manifest = manifest
         self.settings = manifest.target_settings()
         self.rows_per_shard, self.row_group_rows = rows_per_shard, row_group_rows
@@ -107,13 +112,38 @@ class CacheWriter:
         self._discard_uncommitted()
         self.manifest.save(self.path)
 
+    def _acquire_lock(self):
+        """The open, flock-ed lock file; CacheError when another live writer holds it."""
+        path = join(self.root, LOCK_NAME)
+        while True:
+            f = open(path, "a")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.close()
+                raise CacheError(f"{self.path}: another process is writing this cache; wait for it or use another "
+                                 "folder") from None
+            try:
+                if os.stat(path).st_ino == os.fstat(f.fileno()).st_ino:
+                    return f
+            except FileNotFoundError:
+                pass
+            f.close()  # a closing writer removed that file between our open and flock: lock the new one
+
+    def _release_lock(self) -> None:
+        if self._lock is not None:
+            os.unlink(join(self.root, LOCK_NAME))  # while still held: no other writer can hold this file
+            self._lock.close()
+            self._lock = None
+
     def _discard_uncommitted(self) -> None:
         listed = {s.file for s in self.manifest.shards}
         for p in self.fs.ls(self.root, detail=False):
             name = p.rstrip("/").rsplit("/", 1)[-1]
             if name in (MANIFEST_NAME, LOCK_NAME) or name in listed:
                 continue
-            if name.startswith((".shard-", "shard-", f".{MANIFEST_NAME}", f".{ERRORS_NAME}")):
+            if name.startswith((f".{SHARD_PREFIX}", SHARD_PREFIX, f".{OLD_SHARD_PREFIX}", OLD_SHARD_PREFIX,
+                                f".{MANIFEST_NAME}", f".{ERRORS_NAME}")):
                 self.fs.rm(p)  # left by a crash before commit: never visible to readers
 
     def add(self, table: pa.Table) -> None:
@@ -146,7 +176,7 @@ class CacheWriter:
         (local: tmp + fsync + rename; object stores: one PUT), then the manifest lists it
         with its checksums. page_checksums: its data pages carry CRCs (what this writer
         writes; a merge copies the flag of the shard it copies)."""
-        name = f"shard-{len(self.manifest.shards):05d}-{uuid.uuid4().hex[:8]}.parquet"
+        name = f"{SHARD_PREFIX}{len(self.manifest.shards):05d}-{uuid.uuid4().hex[:8]}.parquet"
         write_atomic(join(self.root, name), data, self.fs)
         self.manifest.shards.append(ShardInfo(file=name, rows=len(sample_ids), bytes=len(data),
                                               sha256=sha256_bytes(data), sample_ids=sample_ids, targets=targets,
@@ -160,12 +190,13 @@ class CacheWriter:
             self._buffer, self._buffered = [], 0
 
     def close(self, complete: bool) -> Manifest:
-        """Flush, mark the cache complete (every input sample committed) or not, unlock."""
+        """Flush, mark the cache complete (every input sample committed) or not, write the
+        dataset card, unlock (removing the lock file)."""
         self.flush()
         self.manifest.complete = complete
         self.manifest.save(self.path)
-        if self._lock is not None:
-            self._lock.close()
+        write_card(self.path, self.manifest)
+        self._release_lock()
         return self.manifest
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -99,6 +101,43 @@ def processor_description(processor, num_visual_tokens: int) -> dict:
     }
 
 
-def teacher_description(path: str, dtype: str, head_size: int) -> dict:
-    """head_size: rows of the teacher's output head (may exceed the shared vocabulary)."""
-    return {"path": str(path), "weights_sha256": weights_digest(path), "dtype": dtype, "head_size": head_size}
+@dataclass(frozen=True)
+class TeacherSource:
+    """The teacher, resolved once by the driver: its name (a Hub id, or the folder's name),
+    a local folder with its files, and for a Hub id the commit that folder holds."""
+
+    name: str
+    folder: str
+    revision: str | None = None
+
+    def local_folder(self) -> str:
+        """The teacher's folder on this machine: `folder`, or, where it does not exist (a
+        Ray worker on another node), the same Hub commit fetched into this node's cache."""
+        if self.revision is None or os.path.isdir(self.folder):
+            return self.folder
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(self.name, revision=self.revision)
+
+
+def resolve_teacher(ref: str) -> TeacherSource:
+    """A local folder (absolute path), or a Hub id "org/name" ("org/name@revision" pins a
+    branch, tag or commit) resolved to its snapshot in the Hugging Face cache (downloaded
+    unless there or offline): huggingface_hub names the snapshot folder by its commit."""
+    if os.path.isdir(ref):
+        folder = os.path.abspath(ref)
+        return TeacherSource(os.path.basename(folder.rstrip("/")), folder)
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = str(ref).partition("@")
+    folder = snapshot_download(repo, revision=revision or None)
+    return TeacherSource(repo, folder, os.path.basename(folder.rstrip("/")))
+
+
+def teacher_description(source: TeacherSource, dtype: str, head_size: int) -> dict:
+    """The manifest's teacher: name, where it was loaded from (the Hub id, or the folder's
+    absolute path), the Hub commit, the digest of its weight files; head_size: rows of its
+    output head (may exceed the shared vocabulary)."""
+    return {"name": source.name, "path": source.name if source.revision else source.folder,
+            "revision": source.revision, "weights_sha256": weights_digest(source.folder), "dtype": dtype,
+            "head_size": head_size}

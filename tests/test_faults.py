@@ -455,4 +455,4 @@ def test_kill_9_at_random_moments_then_resume_gives_the_uninterrupted_cache(refe
     assert cache.manifest.complete and cache.verify() == []
     assert_rows_equal(cache.rows(), reference)
     listed = {s.file for s in cache.manifest.shards}
-    assert {p.name for p in out.iterdir()} == listed | {"manifest.json", LOCK_NAME}  # no debris, no errors file
+    assert {p.name for p in out.iterdir()} == listed | {"manifest.json", "README.md"}  # no debris, errors or lock file

@@ -16,7 +16,7 @@ from mmkd.storage.ops import merge_caches, subset_cache
 from mmkd.storage.reader import TeacherCache
 from mmkd.storage.schema import CacheError
 from mmkd.storage.tables import raw_table
-from mmkd.storage.writer import CacheWriter, footer_sha256
+from mmkd.storage.writer import LOCK_NAME, CacheWriter, footer_sha256
 
 from helpers import assert_topk_close, manifest, rows, write
 
@@ -223,11 +223,27 @@ def test_stream_reads_only_this_ranks_shards(tmp_path, monkeypatch):
 def test_uncommitted_shards_are_invisible_and_cleaned(tmp_path):
     write(tmp_path, ["a", "b", "c", "d", "e"])
     (tmp_path / ".shard-00009-deadbeef.parquet.tmp").write_bytes(b"partial")
-    (tmp_path / "shard-00009-deadbeef.parquet").write_bytes(b"renamed but never listed")
+    (tmp_path / "shard-00009-deadbeef.parquet").write_bytes(b"renamed but never listed")  # an older writer's
+    (tmp_path / ".train-00010-deadbeef.parquet.123.tmp").write_bytes(b"partial")
+    (tmp_path / "train-00010-deadbeef.parquet").write_bytes(b"renamed but never listed")
     assert TeacherCache(str(tmp_path)).sample_ids() == ["a", "b", "c", "d", "e"]
     CacheWriter(str(tmp_path), Manifest.load(str(tmp_path))).close(complete=True)  # resume discards them
-    assert not (tmp_path / ".shard-00009-deadbeef.parquet.tmp").exists()
-    assert not (tmp_path / "shard-00009-deadbeef.parquet").exists()
+    for name in (".shard-00009-deadbeef.parquet.tmp", "shard-00009-deadbeef.parquet",
+                 ".train-00010-deadbeef.parquet.123.tmp", "train-00010-deadbeef.parquet"):
+        assert not (tmp_path / name).exists(), name
+
+
+def test_one_writer_at_a_time_and_no_lock_file_left(tmp_path):
+    write(tmp_path, ["a", "b"])
+    m = Manifest.load(str(tmp_path))
+    first = CacheWriter(str(tmp_path), m)
+    with pytest.raises(CacheError, match="another process is writing this cache"):
+        CacheWriter(str(tmp_path), m)
+    first.close(complete=True)
+    assert not (tmp_path / LOCK_NAME).exists()
+    CacheWriter(str(tmp_path), Manifest.load(str(tmp_path))).close(complete=True)  # free again
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("train-")) == ["README.md",
+                                                                                            "manifest.json"]
 
 
 def test_two_writers_cannot_share_a_folder(tmp_path):
@@ -248,15 +264,15 @@ def test_new_cache_never_deletes_a_live_writers_shards(tmp_path):
     from mmkd.storage.writer import open_writer
 
     write(tmp_path, ["a", "b", "c", "d", "e"])
-    files = sorted(p.name for p in tmp_path.glob("shard-*"))
+    files = sorted(p.name for p in tmp_path.glob("train-*"))
     live = CacheWriter(str(tmp_path), Manifest.load(str(tmp_path)))  # a pass still running here
     other = manifest(width=7)
     with pytest.raises(CacheError, match="another process"):
         open_writer(str(tmp_path), other, replace=True)
-    assert sorted(p.name for p in tmp_path.glob("shard-*")) == files
+    assert sorted(p.name for p in tmp_path.glob("train-*")) == files
     live.close(complete=True)
     open_writer(str(tmp_path), other, replace=True).close(complete=False)  # now it may replace the cache
-    assert not list(tmp_path.glob("shard-*")) and Manifest.load(str(tmp_path)).k == 7
+    assert not list(tmp_path.glob("train-*")) and Manifest.load(str(tmp_path)).k == 7
     with pytest.raises(CacheError, match="other settings.*--new-cache"):
         open_writer(str(tmp_path), manifest(width=3))
 
@@ -310,7 +326,7 @@ def test_hand_edited_k_or_sample_list_is_caught(tmp_path):
     write(tmp_path, ["a", "b", "c"])
     good = (tmp_path / "manifest.json").read_text()
     _edit_manifest(tmp_path, lambda m: m["extraction"].update(k=9))  # valid JSON, wrong width
-    with pytest.raises(CacheError, match="shard-00000.*stored ids.*malformed"):
+    with pytest.raises(CacheError, match="train-00000.*stored ids.*malformed"):
         TeacherCache(str(tmp_path)).rows()
     assert TeacherCache(str(tmp_path)).verify()
     (tmp_path / "manifest.json").write_text(good)
