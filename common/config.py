@@ -243,20 +243,49 @@ def from_dict(cls, data: dict, where: str = ""):
         raise ConfigError(f"{where or cls.__name__ + ': '}{e}") from e
 
 
-def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
-    """One flag per (nested) field; defaults are left to the dataclass (SUPPRESS)."""
+def field_comments(cls) -> dict[str, str]:
+    """{field: its comment in the class source}: the trailing `# ...` of the field's line, or
+    the comment lines right above it (the one place each knob is documented)."""
+    import inspect
+
+    out, above = {}, []
+    try:
+        lines = inspect.getsource(cls).splitlines()
+    except (OSError, TypeError):
+        return out
+    for line in lines[1:]:
+        text = line.strip()
+        if text.startswith("#"):
+            above.append(text.lstrip("# ").strip())
+            continue
+        m = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.*))?$", text)
+        if m and not text.startswith(("def ", "@")):
+            out[m.group(1)] = (m.group(2) or " ".join(above)).strip()
+        above = []
+    return out
+
+
+def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", defaults=None) -> None:
+    """One flag per (nested) field, its help the field's comment and its default (read from
+    `defaults`, the parent's instance, so factory defaults show as built); the values
+    themselves are left to the dataclass (SUPPRESS)."""
     hints = typing.get_type_hints(cls)
+    defaults = defaults if defaults is not None else cls()
+    comments = field_comments(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
+        value = getattr(defaults, f.name)
         if dataclasses.is_dataclass(tp):
-            add_flags(parser, tp, prefix if _is_inline(f) else prefix + f.name + ".")
+            add_flags(parser, tp, prefix if _is_inline(f) else prefix + f.name + ".", value)
             continue
         base, _ = _scalar_type(tp)
         flag = "--" + (prefix + f.name).replace("_", "-")
-        default = f.default if f.default is not dataclasses.MISSING else "(built)"
         extra = {"nargs": "?", "const": True} if base is bool else {}  # `--fresh` alone means true
-        parser.add_argument(flag, dest=prefix + f.name, default=argparse.SUPPRESS,
-                            metavar=base.__name__.upper(), help=f"default: {default}", **extra)
+        shown = "none" if value is None else repr(value) if value == "" else value
+        text = comments.get(f.name, "")
+        help_ = (f"{text} (default: {shown})" if text else f"default: {shown}").replace("%", "%%")  # argparse formats
+        parser.add_argument(flag, dest=prefix + f.name, default=argparse.SUPPRESS, metavar=base.__name__.upper(),
+                            help=help_, **extra)
 
 
 def _nest(flat: dict) -> dict:

@@ -165,10 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     from mmkd.common.config import add_flags
     from mmkd.pipelines.demo import DemoConfig
     from mmkd.pipelines.teacher_pass import TeacherPassConfig
+    from mmkd.storage.manifest import mmkd_version
     from mmkd.student.evaluate import EvalConfig
     from mmkd.student.train import TrainConfig
 
     p = argparse.ArgumentParser(prog="mmkd", description="Offline distillation of multimodal LLMs.")
+    p.add_argument("--version", action="version", version=f"mmkd {mmkd_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name, cls, func, help_):

@@ -134,10 +134,32 @@ def per_rank(value: int, device: str | torch.device) -> list[int]:
     return [int(t) for t in out]
 
 
+# the keys mmkd sets from its own flags: a user's DeepSpeed JSON may repeat them only with
+# the same value; (path in the JSON, flag)
+MMKD_KEYS = ((("train_micro_batch_size_per_gpu",), "batch_size"), (("gradient_accumulation_steps",), "grad_accum"),
+             (("gradient_clipping",), "grad_clip"), (("zero_optimization", "stage"), "zero_stage"),
+             (("bf16", "enabled"), "dtype"))
+REFUSED_KEYS = ("optimizer", "scheduler", "train_batch_size", "fp16")  # mmkd's own optimizer, schedule and dtype
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def deepspeed_config(cfg) -> dict:
     """The DeepSpeed config of a TrainConfig: micro-batch per rank, accumulation, clipping,
-    ZeRO stage, bf16 (the optimizer and schedule are torch objects, student.optim)."""
-    return {
+    ZeRO stage, bf16 (the optimizer and schedule are torch objects, student.optim), merged
+    over cfg.deepspeed (a user's JSON file: offload, bucket sizes, ... are kept). The JSON
+    may repeat a key mmkd sets only with the same value, and may not set the optimizer,
+    scheduler, train_batch_size or fp16: ConfigError naming the key and the flag."""
+    import json
+
+    from mmkd.common.config import ConfigError
+
+    ours = {
         "train_micro_batch_size_per_gpu": cfg.batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "gradient_clipping": cfg.grad_clip,
@@ -145,6 +167,42 @@ def deepspeed_config(cfg) -> dict:
         "bf16": {"enabled": cfg.dtype == "bfloat16"},
         "steps_per_print": 1 << 30,
     }
+    if not getattr(cfg, "deepspeed", None):
+        return ours
+    try:
+        with open(cfg.deepspeed) as f:
+            user = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"--deepspeed {cfg.deepspeed!r}: cannot read it as JSON ({e})") from e
+    if not isinstance(user, dict):
+        raise ConfigError(f"--deepspeed {cfg.deepspeed!r}: expected a JSON object of DeepSpeed settings")
+    for key in REFUSED_KEYS:
+        if key in user:
+            raise ConfigError(f"--deepspeed {cfg.deepspeed!r} sets {key!r}: mmkd builds the optimizer and LR schedule "
+                              "itself (--optimizer, --lr, --lr-schedule), the global batch from --batch-size x "
+                              "--grad-accum x ranks and the dtype from --dtype; remove it from the JSON")
+    for path, flag in MMKD_KEYS:
+        node, want = user, ours
+        for k in path:
+            node = node.get(k) if isinstance(node, dict) else None
+            want = want[k]
+        if node is not None and node != want and node != "auto":
+            raise ConfigError(f"--deepspeed {cfg.deepspeed!r} sets {'.'.join(path)} = {node!r} but "
+                              f"--{flag.replace('_', '-')} gives {want!r}: set it with the flag (or drop it from "
+                              "the JSON)")
+    merged = _merge(user, ours)
+    for path, _ in MMKD_KEYS:  # "auto" in the JSON means: mmkd's value
+        node = merged
+        for k in path[:-1]:
+            node = node[k]
+        node[path[-1]] = _dig(ours, path)
+    return merged
+
+
+def _dig(d: dict, path: tuple) -> object:
+    for k in path:
+        d = d[k]
+    return d
 
 
 def check_zero_stage(zero_stage: int, is_moe: bool) -> None:

@@ -128,6 +128,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3; MoE students 0-2)
+    # your DeepSpeed JSON (offload, bucket sizes, ...), merged with what mmkd sets from its flags
+    # (student.parallel.deepspeed_config; a different value for one of those is refused, naming both)
+    deepspeed: str | None = None
+    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, ~30% more time)
+    attn_implementation: str | None = None  # transformers attention: eager | sdpa | flash_attention_2 (None: default)
     dtype: str = "float32"  # or "bfloat16"
     max_length: int = 256
     num_workers: int = 1  # data loader processes encoding samples while the step runs
@@ -229,6 +234,9 @@ def check_config(cfg: "TrainConfig") -> None:
     from transformers.activations import ACT2FN
 
     need_choice(cfg, "projector_act", tuple(ACT2FN))
+    if cfg.attn_implementation:
+        need_choice(cfg, "attn_implementation", ("eager", "sdpa", "flash_attention_2", "flash_attention_3",
+                                                  "flex_attention"))
 
 
 def check_paths(cfg: "TrainConfig") -> None:
@@ -241,6 +249,9 @@ def check_paths(cfg: "TrainConfig") -> None:
             need_model(cfg, name, "model", hub=False)
     if cfg.cache:
         need_path(cfg, "cache", "teacher cache folder")
+    need_path(cfg, "deepspeed", "DeepSpeed JSON file", required=False)
+    if cfg.deepspeed:
+        deepspeed_config(cfg)  # the file parses and agrees with the flags
     if not cfg.output_dir:
         raise refuse("output_dir", cfg.output_dir, "set the folder the model and logs go to")
 
@@ -311,6 +322,10 @@ def setup_model(cfg: TrainConfig, processor, data: Data, device: str):
         model = compose_llava(cfg.student_llm, cfg.vision_from, processor, cfg.projector_act, seed=cfg.seed)
     else:
         model = build_student(cfg.arch, processor, seed=cfg.seed)
+    if cfg.attn_implementation:
+        model.set_attn_implementation(cfg.attn_implementation)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.upcycle:
         model = upcycle(model, cfg.moe)
     is_moe = getattr(model.config, "mmkd_moe", None) is not None
