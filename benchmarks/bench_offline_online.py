@@ -202,13 +202,13 @@ def timed_steps(make_model, processor, samples, image_root: str | None, caches: 
                    "steps_timed": len(t)} for name, t in times.items()}
 
 
-def check_workdir(work: Path, a) -> None:
-    """Finished caches and students are reused: refuse a work folder made with other sizes."""
-    settings = {k: getattr(a, k) for k in ("demo", "train_samples", "test_samples", "subset", "epochs", "draws")}
+def check_workdir(work: Path, settings: dict) -> None:
+    """Finished caches and students are reused: refuse a work folder made with other settings."""
     path = work / "settings.json"
     if path.exists() and json.loads(path.read_text()) != settings:
         raise SystemExit(f"{work} holds runs made with {path.read_text()}; these settings are {settings}: "
                          "use another --workdir or delete it")
+    work.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings))
 
 
@@ -216,11 +216,16 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def results_table(rows: dict[str, dict[int, dict]]) -> str:
-    lines = ["| row | exact match | full KL to teacher (nats/token) | hallucination | seeds |", "|---|---|---|---|---|"]
+METRICS = (("accuracy", "exact match", "{:.3f}"), ("full_kl_to_teacher", "full KL to teacher (nats/token)", "{:.4f}"),
+           ("hallucination_rate", "hallucination", "{:.3f}"))  # (key, column header, format)
+
+
+def results_table(rows: dict[str, dict[int, dict]], metrics=METRICS) -> str:
+    """One line per row: mean ± std over its seeds of each metric ("-" where no seed has it)."""
+    lines = ["| row | " + " | ".join(h for _, h, _ in metrics) + " | seeds |", "|---" * (len(metrics) + 2) + "|"]
     for name, per_seed in rows.items():
         cells = []
-        for key, fmt in (("accuracy", "{:.3f}"), ("full_kl_to_teacher", "{:.4f}"), ("hallucination_rate", "{:.3f}")):
+        for key, _, fmt in metrics:
             vals = [m[key] for m in per_seed.values() if m.get(key) is not None]
             if vals:
                 mu, sd = mean_std(vals)
@@ -238,31 +243,46 @@ def cost_table(costs: dict) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: dict, costs: dict, path: Path) -> bool:
-    """A PNG: exact match and full KL per row (mean +- std over seeds), step cost ratios."""
+def pyplot():
+    """matplotlib.pyplot on the Agg canvas, or None when matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=False)
-    panels = ((axes[0], list(rows), "accuracy", "test exact match"),
-              (axes[1], list(rows), "full_kl_to_teacher", "KL to the teacher, full vocabulary (nats/token)"))
-    for ax, names, key, title in panels:
-        stats = [mean_std([m[key] for m in rows[n].values()]) for n in names]
-        ax.barh(range(len(names)), [s[0] for s in stats], xerr=[s[1] for s in stats], color="tab:blue", capsize=3)
-        ax.set_yticks(range(len(names)), names if ax is axes[0] else [])
-        ax.invert_yaxis()
-        ax.set_title(title, fontsize=10)
-    ax = axes[2]
+        return None
+    return plt
+
+
+def metric_bars(ax, rows: dict, key: str, title: str, labels: bool) -> None:
+    """Horizontal bars of one metric per row, mean ± std over seeds (row names when labels)."""
+    names = list(rows)
+    stats = [mean_std([m[key] for m in rows[n].values()]) for n in names]
+    ax.barh(range(len(names)), [s[0] for s in stats], xerr=[s[1] for s in stats], color="tab:blue", capsize=3)
+    ax.set_yticks(range(len(names)), names if labels else [])
+    ax.invert_yaxis()
+    ax.set_title(title, fontsize=10)
+
+
+def cost_bars(ax, costs: dict) -> None:
     ax.barh(range(len(costs)), [c["ratio_to_sft"] for c in costs.values()], color="tab:orange")
-    ax.axvline(1.15, color="k", linestyle="--", linewidth=1, label="offline target 1.15x")
     ax.set_yticks(range(len(costs)), list(costs))
     ax.invert_yaxis()
     ax.set_title("step time / SFT step time (median)", fontsize=10)
-    ax.legend(loc="lower right", fontsize=8)
+
+
+def plot(rows: dict, costs: dict, path: Path) -> bool:
+    """A PNG: exact match and full KL per row (mean +- std over seeds), step cost ratios."""
+    plt = pyplot()
+    if plt is None:
+        return False
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5), sharey=False)
+    metric_bars(axes[0], rows, "accuracy", "test exact match", True)
+    metric_bars(axes[1], rows, "full_kl_to_teacher", "KL to the teacher, full vocabulary (nats/token)", False)
+    cost_bars(axes[2], costs)
+    axes[2].axvline(1.15, color="k", linestyle="--", linewidth=1, label="offline target 1.15x")
+    axes[2].legend(loc="lower right", fontsize=8)
     fig.suptitle("mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -294,7 +314,8 @@ def main():
     log = print
     demo, work = Path(a.demo), Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    check_workdir(work, a)
+    check_workdir(work, {k: getattr(a, k) for k in ("demo", "train_samples", "test_samples", "subset", "epochs",
+                                                     "draws")})
     vocab = len(AutoProcessor.from_pretrained(demo / "processor").tokenizer)
     train_json = write_split(demo / "data" / "train.json", work / "data" / "train.json", a.train_samples)
     test_json = write_split(demo / "data" / "test.json", work / "data" / "test.json", a.test_samples)

@@ -54,7 +54,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from mmkd.common.config import InputsConfig  # noqa: E402
 
-from bench_offline_online import ROW_ONLINE, ROW_SFT, mean_std, timed_steps  # noqa: E402
+from bench_offline_online import (ROW_ONLINE, ROW_SFT, check_workdir, cost_bars, cost_table, mean_std,  # noqa: E402
+                                  metric_bars, pyplot, results_table, timed_steps)
 
 MODULES = ["argparse", "collections", "json", "email.message", "http.client", "logging", "pathlib", "subprocess",
            "threading", "unittest", "decimal", "fractions", "statistics", "textwrap", "difflib", "csv", "sqlite3",
@@ -258,27 +259,6 @@ def score(model: str, test_json: Path, teacher: Path, out: Path | None) -> dict:
     return m
 
 
-def check_workdir(work: Path, a) -> None:
-    settings = {k: v for k, v in vars(a).items() if k not in ("workdir", "seeds", "cost_rounds", "cost_steps")}
-    path = work / "settings.json"
-    if path.exists() and json.loads(path.read_text()) != settings:
-        raise SystemExit(f"{work} holds runs made with {path.read_text()}; these settings are {settings}: "
-                         "use another --workdir or delete it")
-    work.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(settings))
-
-
-def results_table(rows: dict[str, dict[int, dict]]) -> str:
-    lines = ["| row | " + " | ".join(h for _, h, _ in METRICS) + " | seeds |", "|---" * (len(METRICS) + 2) + "|"]
-    for name, per_seed in rows.items():
-        cells = []
-        for key, _, fmt in METRICS:
-            mu, sd = mean_std([m[key] for m in per_seed.values()])
-            cells.append(f"{fmt.format(mu)} ± {fmt.format(sd)}")
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {len(per_seed)} |")
-    return "\n".join(lines)
-
-
 def paired_table(rows: dict[str, dict[int, dict]], against: str) -> str:
     """Each row minus `against`, seed by seed: mean +- std of the differences."""
     lines = ["| row | " + " | ".join(f"Δ {h}" for _, h, _ in METRICS) + " |", "|---" * (len(METRICS) + 1) + "|"]
@@ -294,28 +274,16 @@ def paired_table(rows: dict[str, dict[int, dict]], against: str) -> str:
 
 
 def plot(rows: dict, costs: dict, path: Path) -> bool:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    """A PNG: each metric per row (mean +- std over seeds), step cost ratios."""
+    plt = pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, 5, figsize=(22, 4.5))
-    names = list(rows)
-    for ax, (key, title, _) in zip(axes, METRICS):
-        stats = [mean_std([m[key] for m in rows[n].values()]) for n in names]
-        ax.barh(range(len(names)), [s[0] for s in stats], xerr=[s[1] for s in stats], color="tab:blue", capsize=3)
-        ax.set_yticks(range(len(names)), names if ax is axes[0] else [])
-        ax.invert_yaxis()
-        lo = min(s[0] - s[1] for s in stats)
-        ax.set_xlim(left=max(0.0, lo - 0.1 * abs(lo)))
-        ax.set_title(title, fontsize=10)
-    ax = axes[-1]
-    ax.barh(range(len(costs)), [c["ratio_to_sft"] for c in costs.values()], color="tab:orange")
-    ax.set_yticks(range(len(costs)), list(costs))
-    ax.invert_yaxis()
-    ax.set_title("step time / SFT step (median)", fontsize=10)
+    for i, (key, title, _) in enumerate(METRICS):
+        metric_bars(axes[i], rows, key, title, i == 0)
+        lo = min(mu - sd for mu, sd in (mean_std([m[key] for m in r.values()]) for r in rows.values()))
+        axes[i].set_xlim(left=max(0.0, lo - 0.1 * abs(lo)))
+    cost_bars(axes[-1], costs)
     fig.suptitle("SmolLM2-135M-Instruct teacher, vocabulary 49,152; held-out split; mean ± std over seeds",
                  fontsize=9)
     fig.tight_layout()
@@ -346,7 +314,8 @@ def main():
     from mmkd.student.train import TrainConfig, train
 
     t0, log, work = time.time(), print, Path(a.workdir)
-    check_workdir(work, a)
+    check_workdir(work, {k: v for k, v in vars(a).items() if k not in ("workdir", "seeds", "cost_rounds",
+                                                                        "cost_steps")})
     teacher = teacher_folder(work, log)
     train_json, test_json = write_data(work, teacher, a, log)
     caches = make_caches(a, work, teacher, train_json, log)
@@ -378,7 +347,7 @@ def main():
                         vocab, log)
 
     bytes_rows = {name: bytes_per_target(c) for name, c in caches.items()}
-    table = results_table(rows)
+    table = results_table(rows, METRICS)
     paired = paired_table({n: r for n, r in rows.items() if n != "initial student"}, ROW_ONLINE)
     paired_sft = paired_table({n: r for n, r in rows.items() if n != "initial student"}, ROW_SFT)
     n_params = sum(p.numel() for p in load_model(str(student_init(work, teacher, a, a.seeds[0]))).parameters())
@@ -387,8 +356,7 @@ def main():
             f"{teacher_m['ce']:.4f}, ECE {teacher_m['ece']:.4f}. Student: {n_params / 1e6:.2f}M parameters "
             f"({a.student_layers} layers, width {a.student_hidden}, tied embeddings), {a.train_samples} training "
             f"answers, {a.epochs} epochs, batch {a.batch_size}, lr {a.lr}; mean ± std over seeds {a.seeds}.")
-    cost = "| step | median ms | ratio to SFT | steps timed |\n|---|---|---|---|\n" + "\n".join(
-        f"| {n} | {c['median_ms']:.0f} | {c['ratio_to_sft']:.2f}x | {c['steps_timed']} |" for n, c in costs.items())
+    cost = cost_table(costs)
     wall = "| row | training wall s (mean over seeds) | cache bytes / target token |\n|---|---|---|\n" + "\n".join(
         f"| {n} | {sum(v) / len(v):.0f} | {f'{bytes_rows[n]:.1f}' if n in bytes_rows else '-'} |"
         for n, v in train_s.items())
