@@ -67,7 +67,8 @@ def write_split(src: Path, dst: Path, n: int) -> Path:
 def make_caches(a, demo: Path, train_json: Path, vocab: int, log) -> dict[str, str]:
     """Row name -> cache folder: one Ray teacher pass per k and one in sampled mode
     (response records); an existing complete cache is resumed, i.e. reused."""
-    from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+    from mmkd.pipelines.config import TeacherPassConfig
+    from mmkd.pipelines.teacher_pass import run_teacher_pass
 
     common = dict(teacher=str(demo / "teacher"), inputs=InputsConfig(str(train_json), str(demo / "data")),
                   records="response", batch_size=64, rows_per_shard=1024)
@@ -87,8 +88,8 @@ def make_caches(a, demo: Path, train_json: Path, vocab: int, log) -> dict[str, s
 
 def train_configs(a, demo: Path, train_json: Path, caches: dict[str, str], seed: int) -> dict:
     """Row name -> TrainConfig of one seed (the demo's student settings)."""
-    from mmkd.pipelines.demo import DemoConfig
-    from mmkd.student.train import TrainConfig
+    from mmkd.pipelines.config import DemoConfig
+    from mmkd.student.config import TrainConfig
 
     d = DemoConfig()
     common = dict(inputs=InputsConfig(str(train_json), str(demo / "data")), processor=str(demo / "processor"),
@@ -132,9 +133,9 @@ def step_costs(a, demo: Path, train_json: Path, caches: dict[str, str], vocab: i
     from transformers import AutoProcessor
 
     from mmkd.common.inputs import SampleList, read_inputs
-    from mmkd.pipelines.demo import DemoConfig
+    from mmkd.pipelines.config import DemoConfig
+    from mmkd.student.config import TrainConfig
     from mmkd.student.model import build_llava
-    from mmkd.student.train import TrainConfig
 
     d = DemoConfig()
     processor = AutoProcessor.from_pretrained(demo / "processor")

@@ -54,8 +54,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from mmkd.common.config import InputsConfig  # noqa: E402
 
-from bench_offline_online import (ROW_ONLINE, ROW_SFT, check_workdir, cost_bars, cost_table, mean_std,  # noqa: E402
-                                  metric_bars, pyplot, results_table, timed_steps)
+from bench_offline_online import (  # noqa: E402
+    ROW_ONLINE,
+    ROW_SFT,
+    check_workdir,
+    cost_bars,
+    cost_table,
+    mean_std,
+    metric_bars,
+    pyplot,
+    results_table,
+    timed_steps,
+)
 
 MODULES = ["argparse", "collections", "json", "email.message", "http.client", "logging", "pathlib", "subprocess",
            "threading", "unittest", "decimal", "fractions", "statistics", "textwrap", "difflib", "csv", "sqlite3",
@@ -198,7 +208,8 @@ def student_init(work: Path, teacher: Path, a, seed: int) -> Path:
 
 def make_caches(a, work: Path, teacher: Path, train_json: Path, log) -> dict[str, str]:
     """Cache folder per KD row: one Ray teacher pass each (a finished cache is reused)."""
-    from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+    from mmkd.pipelines.config import TeacherPassConfig
+    from mmkd.pipelines.teacher_pass import run_teacher_pass
 
     common = dict(teacher=str(teacher), inputs=InputsConfig(str(train_json)), records="response",
                   batch_size=16, rows_per_shard=256)
@@ -226,7 +237,7 @@ def bytes_per_target(cache: str) -> float:
 
 
 def train_config(a, work: Path, teacher: Path, train_json: Path, name: str, cache: str | None, seed: int):
-    from mmkd.student.train import TrainConfig
+    from mmkd.student.config import TrainConfig
 
     kw = {}
     if name == ROW_ONLINE:
@@ -239,7 +250,7 @@ def train_config(a, work: Path, teacher: Path, train_json: Path, name: str, cach
                        output_dir=str(work / "students" / slug / f"seed{seed}"),
                        init_from=str(student_init(work, teacher, a, seed)), epochs=a.epochs, lr=a.lr,
                        batch_size=a.batch_size, seed=seed, log_every=10 ** 9, num_workers=0, keep_encoded=True,
-                       save_every=0, tensorboard=False, **kw)
+                       save_every=0, report_to="none", **kw)
 
 
 METRICS = (("full_kl_to_teacher", "full KL", "{:.4f}"), ("ce", "CE", "{:.4f}"),
@@ -310,8 +321,9 @@ def main():
     a = ap.parse_args()
     from mmkd.common.inputs import SampleList, read_inputs
     from mmkd.common.models import load_processor
+    from mmkd.student.config import TrainConfig
     from mmkd.student.model import load_model
-    from mmkd.student.train import TrainConfig, train
+    from mmkd.student.train import train
 
     t0, log, work = time.time(), print, Path(a.workdir)
     check_workdir(work, {k: v for k, v in vars(a).items() if k not in ("workdir", "seeds", "cost_rounds",

@@ -24,9 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from mmkd.common.config import InputsConfig
-from mmkd.pipelines.demo import DemoConfig
+from mmkd.pipelines.config import DemoConfig
+from mmkd.student.config import TrainConfig
 from mmkd.student.evaluate import evaluate
-from mmkd.student.train import TrainConfig, train
+from mmkd.student.train import train
 
 FULL = 1 << 30
 
@@ -37,7 +38,7 @@ def run(root: Path, out: Path, seed: int, window: int) -> dict:
                       processor=str(root / "processor"), output_dir=str(out), cache=str(root / "cache" / "train"),
                       arch=d.student_arch, subset=d.student_subset, epochs=d.student_epochs, lr=d.student_lr,
                       batch_size=d.batch_size, seed=seed, log_every=10 ** 9, num_workers=0, keep_encoded=True,
-                      save_every=0, tensorboard=False, shuffle_window=window)
+                      save_every=0, report_to="none", shuffle_window=window)
     t = time.time()
     train(cfg, log=lambda *_: None)
     loss = [json.loads(line)["loss"] for line in (out / "train_log.jsonl").read_text().splitlines()]

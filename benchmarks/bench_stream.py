@@ -89,7 +89,7 @@ def checksum_cost(cache_dir: str, work: Path, repeats: int = 5) -> dict:
 def peak_rss_mb(root: Path, out: Path) -> float:
     args = ["train", "--data", str(root / "data.jsonl"), "--image-column", "", "--processor", str(root / "processor"),
             "--cache", str(root / "cache"), "--output-dir", str(out), "--max-steps", "3", "--batch-size", "8",
-            "--num-workers", "0", "--save-every", "0", "--tensorboard", "false", "--max-length", "512",
+            "--num-workers", "0", "--save-every", "0", "--report-to", "none", "--max-length", "512",
             "--arch.vision-hidden", "32", "--arch.vision-layers", "1", "--arch.vision-heads", "2",
             "--arch.text-hidden", "32", "--arch.text-layers", "1", "--arch.text-heads", "2",
             "--arch.text-intermediate", "64", "--arch.max-positions", "512"]

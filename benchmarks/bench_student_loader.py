@@ -1,6 +1,6 @@
 """Does the student's data loader keep up with the training step?
 
-The demo's student (pipelines.demo.DemoConfig: student_arch, batch size 32, its training
+The demo's student (pipelines.config.DemoConfig: student_arch, batch size 32, its training
 subset) on the demo's data (ROOT = the workdir of `mmkd demo`: data/train.json, processor/,
 cache/train; only read), with the loss terms of --stage (kd: CE + response KD, student (b);
 rdist: + MDist visual + RDist, student (d); ce: no cache, student (a)):
@@ -39,8 +39,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mmkd.common.config import InputsConfig  # noqa: E402
-from mmkd.pipelines.demo import DemoConfig  # noqa: E402
-from mmkd.student.train import TrainConfig, train  # noqa: E402
+from mmkd.pipelines.config import DemoConfig  # noqa: E402
+from mmkd.student.config import TrainConfig  # noqa: E402
+from mmkd.student.train import train  # noqa: E402
 
 STAGES = {"ce": {"cache": None}, "kd": {}, "rdist": {"visual_weight": 1.0, "relation_weight": 1.0}}
 

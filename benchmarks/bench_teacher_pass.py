@@ -278,7 +278,8 @@ def main() -> None:
     from mmkd.common.heads import output_head, supervised_rows
     from mmkd.common.inputs import load_image
     from mmkd.common.preprocess import collate, encode_sample
-    from mmkd.pipelines.teacher_pass import TeacherPassConfig, read_inputs, run_teacher_pass
+    from mmkd.pipelines.config import TeacherPassConfig
+    from mmkd.pipelines.teacher_pass import read_inputs, run_teacher_pass
     from mmkd.storage.manifest import Manifest
     from mmkd.storage.schema import RAW_SCHEMA, CacheRow, token_digest
     from mmkd.storage.tables import raw_table

@@ -177,13 +177,27 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def flat_dict(cfg) -> dict:
+    """A config as {dotted key: value}: its YAML form flattened ('moe.top_k': 2)."""
+    return _flat(to_dict(cfg))
+
+
+def flag(key: str, value) -> str:
+    """The command-line form of one (dotted) setting: '--batch-size 8', '--fresh',
+    '--no-resume' (booleans as add_flags makes them), values quoted for a shell."""
+    import shlex
+
+    name = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{name}" if value else f"--no-{name}"
+    return f"--{name} {shlex.quote(str(value))}"
+
+
 def command_line(command: str, cfg) -> str:
     """The `mmkd COMMAND` line that gives cfg: a flag for every setting that differs from
     its default (a record of what made an output, e.g. the cache manifest's `command`)."""
-    import shlex
-
-    given, default = _flat(to_dict(cfg)), _flat(to_dict(type(cfg)()))
-    flags = [f"--{k.replace('_', '-')} {shlex.quote(str(v))}" for k, v in given.items() if v != default.get(k)]
+    given, default = flat_dict(cfg), flat_dict(type(cfg)())
+    flags = [flag(k, v) for k, v in given.items() if v != default.get(k)]
     return " ".join(["mmkd", command, *flags])
 
 
@@ -243,12 +257,32 @@ def from_dict(cls, data: dict, where: str = ""):
         raise ConfigError(f"{where or cls.__name__ + ': '}{e}") from e
 
 
+def _docstring_entries(cls) -> dict[str, str]:
+    """{field: first sentence} of a class docstring's `name: text` (or `a / b: text`)
+    entries, each possibly continued on more-indented lines."""
+    out: dict[str, str] = {}
+    names: list[str] = []
+    for line in (cls.__doc__ or "").splitlines():
+        m = re.match(r"\s*(\w+(?:\s*/\s*\w+)*):\s+(.*)", line)
+        if m and not line.startswith(" " * 8):
+            names = [n.strip() for n in m.group(1).split("/")]
+            for n in names:
+                out[n] = m.group(2).strip()
+        elif names and line.strip():
+            for n in names:
+                out[n] += " " + line.strip()
+        else:
+            names = []
+    return {k: re.split(r"(?<!i\.e\.)(?<!e\.g\.)(?<!\.\.\.)(?<=\.)\s", v)[0].rstrip(".") for k, v in out.items()}
+
+
 def field_comments(cls) -> dict[str, str]:
     """{field: its comment in the class source}: the trailing `# ...` of the field's line, or
-    the comment lines right above it (the one place each knob is documented)."""
+    the comment lines right above it, or else its entry in the class docstring (the one
+    place each knob is documented)."""
     import inspect
 
-    out, above = {}, []
+    out, above = _docstring_entries(cls), []
     try:
         lines = inspect.getsource(cls).splitlines()
     except (OSError, TypeError):
@@ -259,7 +293,7 @@ def field_comments(cls) -> dict[str, str]:
             above.append(text.lstrip("# ").strip())
             continue
         m = re.match(r"(\w+)\s*:[^#]*?(?:#\s*(.*))?$", text)
-        if m and not text.startswith(("def ", "@")):
+        if m and not text.startswith(("def ", "@")) and (m.group(2) or above):
             out[m.group(1)] = (m.group(2) or " ".join(above)).strip()
         above = []
     return out
@@ -280,12 +314,12 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", defaults=N
             continue
         base, _ = _scalar_type(tp)
         flag = "--" + (prefix + f.name).replace("_", "-")
-        extra = {"nargs": "?", "const": True} if base is bool else {}  # `--fresh` alone means true
+        # booleans the way every hand-written flag is: `--fresh` sets it, `--no-fresh` clears it
+        extra = {"action": argparse.BooleanOptionalAction} if base is bool else {"metavar": base.__name__.upper()}
         shown = "none" if value is None else repr(value) if value == "" else value
         text = comments.get(f.name, "")
         help_ = (f"{text} (default: {shown})" if text else f"default: {shown}").replace("%", "%%")  # argparse formats
-        parser.add_argument(flag, dest=prefix + f.name, default=argparse.SUPPRESS, metavar=base.__name__.upper(),
-                            help=help_, **extra)
+        parser.add_argument(flag, dest=prefix + f.name, default=argparse.SUPPRESS, help=help_, **extra)
 
 
 def _nest(flat: dict) -> dict:

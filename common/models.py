@@ -91,6 +91,18 @@ def load_processor(path: str, trust_remote_code: bool = False):
     return processor
 
 
+def length_limit(config, processor) -> int | None:
+    """The longest sequence, in tokens, a model of `config` (a transformers config, or its
+    number of positions) takes with `processor`: the text model's max_position_embeddings,
+    or the tokenizer's model_max_length when that is smaller and real (transformers sets
+    ~1e30 when unknown); None when neither says."""
+    positions = config if isinstance(config, int) else getattr(config.get_text_config(), "max_position_embeddings",
+                                                                None)
+    limits = [positions, getattr(getattr(processor, "tokenizer", processor), "model_max_length", None)]
+    limits = [int(n) for n in limits if isinstance(n, int) and 0 < n < 10**7]
+    return min(limits) if limits else None
+
+
 def is_multimodal_config(config) -> bool:
     """True for configs of image-text-to-text models (transformers' own mapping)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES

@@ -16,14 +16,16 @@ def _config(args, cls):
 
 
 def cmd_demo(args) -> int:
-    from mmkd.pipelines.demo import DemoConfig, run_demo
+    from mmkd.pipelines.config import DemoConfig
+    from mmkd.pipelines.demo import run_demo
 
     run_demo(_config(args, DemoConfig))
     return 0
 
 
 def cmd_teacher_pass(args) -> int:
-    from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+    from mmkd.pipelines.config import TeacherPassConfig
+    from mmkd.pipelines.teacher_pass import run_teacher_pass
 
     cfg = _config(args, TeacherPassConfig)
     _require(cfg, "teacher", "data", "output")  # image_root: the reader asks when the data has image paths
@@ -32,7 +34,8 @@ def cmd_teacher_pass(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from mmkd.student.train import TrainConfig, train
+    from mmkd.student.config import TrainConfig
+    from mmkd.student.train import train
 
     cfg = _config(args, TrainConfig)
     _require(cfg, "data", "processor", "output_dir")
@@ -50,7 +53,8 @@ def cmd_recipe(args) -> int:
 def cmd_eval(args) -> int:
     from pathlib import Path
 
-    from mmkd.student.evaluate import EvalConfig, check_config, evaluate
+    from mmkd.student.config import EvalConfig
+    from mmkd.student.evaluate import check_config, evaluate
     from mmkd.student.plot import EVAL_NAME
 
     cfg = _config(args, EvalConfig)
@@ -161,16 +165,28 @@ def _require(cfg, *names) -> None:
                           + " (flags or the --config YAML)")
 
 
+class _Version(argparse.Action):
+    """--version, reading the installed version only when asked (storage.manifest imports pyarrow)."""
+
+    def __init__(self, option_strings, dest, help=None):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from mmkd.storage.manifest import mmkd_version
+
+        print(f"mmkd {mmkd_version()}")  # stdout, as argparse's own version action
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The whole command line. Imports only the (torch-free) config modules: `--help` of any
+    subcommand answers without loading torch, transformers, Ray or pyarrow."""
     from mmkd.common.config import add_flags
-    from mmkd.pipelines.demo import DemoConfig
-    from mmkd.pipelines.teacher_pass import TeacherPassConfig
-    from mmkd.storage.manifest import mmkd_version
-    from mmkd.student.evaluate import EvalConfig
-    from mmkd.student.train import TrainConfig
+    from mmkd.pipelines.config import DemoConfig, TeacherPassConfig
+    from mmkd.student.config import EvalConfig, TrainConfig
 
     p = argparse.ArgumentParser(prog="mmkd", description="Offline distillation of multimodal LLMs.")
-    p.add_argument("--version", action="version", version=f"mmkd {mmkd_version()}")
+    p.add_argument("--version", action=_Version, help="print mmkd's version and exit")
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(name, cls, func, help_):
@@ -217,20 +233,20 @@ def build_parser() -> argparse.ArgumentParser:
     cache = sub.add_parser("cache", help="Inspect, verify, merge, subset, export or publish teacher caches.")
     csub = cache.add_subparsers(dest="cache_command", required=True)
     ins = csub.add_parser("inspect", help="Manifest summary, sizes, bytes per token, teacher statistics.")
-    ins.add_argument("path")
+    ins.add_argument("path", help="cache folder or URL")
     ins.add_argument("--json", action="store_true", help="machine-readable output")
     ins.set_defaults(func=cmd_cache_inspect)
     ver = csub.add_parser("verify", help="Check checksums, schema, row counts, decoding, duplicate samples; "
                                          "exit status 1 naming the offending files.")
-    ver.add_argument("path")
+    ver.add_argument("path", help="cache folder or URL")
     ver.set_defaults(func=cmd_cache_verify)
     mer = csub.add_parser("merge", help="Join caches made with identical settings into a new cache.")
-    mer.add_argument("output", help="new cache folder (or fsspec URL)")
-    mer.add_argument("inputs", nargs="+", help="caches to join (no sample may appear in two)")
+    mer.add_argument("inputs", nargs="+", metavar="INPUT", help="caches to join (no sample may appear in two)")
+    mer.add_argument("output", help="new cache folder (or fsspec URL); last, like every other command's output")
     mer.set_defaults(func=cmd_cache_merge)
     sbs = csub.add_parser("subset", help="Write a new cache holding only the listed samples.")
-    sbs.add_argument("input")
-    sbs.add_argument("output")
+    sbs.add_argument("input", help="cache folder or URL")
+    sbs.add_argument("output", help="new cache folder (or fsspec URL)")
     sbs.add_argument("--ids", required=True, help="text file with one sample id per line")
     sbs.set_defaults(func=cmd_cache_subset)
     exp = csub.add_parser("export", help="Write the targets as plain columns (ids by probability, float32 "
@@ -249,9 +265,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def quiet_when_logged() -> None:
+    """Output that is not a terminal (a log file, CI, a pipe) gets lines, not carriage-return
+    progress bars: Hugging Face's bars (transformers' "Loading weights" and "Writing model
+    shards", datasets') are switched off; a variable already set wins."""
+    if sys.stdout.isatty() and sys.stderr.isatty():
+        return
+    for var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"):
+        os.environ.setdefault(var, "1")
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
+    quiet_when_logged()  # before transformers, datasets or Ray are imported: they read these once
     from mmkd.common.config import ConfigError
     from mmkd.common.samples import SampleError
     from mmkd.pipelines.quarantine import WorkerError

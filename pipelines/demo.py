@@ -24,33 +24,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 from mmkd.common.config import InputsConfig
-from mmkd.student.model import LlavaArch
-
-
-@dataclass
-class DemoConfig:
-    workdir: str = "runs/demo"
-    seed: int = 0
-    num_train: int = 4000
-    num_val: int = 200
-    num_test: int = 400
-    num_preference: int = 400
-    k: int = 16  # top-k kept per supervised token (the demo vocabulary has ~50 entries)
-    teacher_arch: LlavaArch = field(default_factory=LlavaArch)
-    teacher_epochs: int = 30
-    teacher_lr: float = 5e-4
-    student_arch: LlavaArch = field(default_factory=lambda: LlavaArch(
-        vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64, text_layers=2, text_heads=2,
-        text_intermediate=128))
-    student_subset: int = 1500  # both students train on the same first N (shuffled) samples
-    student_epochs: int = 20
-    student_lr: float = 2e-3
-    batch_size: int = 32
-    fresh: bool = False
+from mmkd.pipelines.config import DemoConfig
 
 
 def _step(name: str, marker: Path, fresh: bool, fn, log):
@@ -68,12 +46,14 @@ def _step(name: str, marker: Path, fresh: bool, fn, log):
 
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
+    from mmkd.pipelines.config import TeacherPassConfig
     from mmkd.pipelines.demo_data import write_demo_dataset
     from mmkd.pipelines.demo_processor import build_demo_processor
     from mmkd.pipelines.recipe import run_recipe
-    from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+    from mmkd.pipelines.teacher_pass import run_teacher_pass
+    from mmkd.student.config import TrainConfig
     from mmkd.student.evaluate import evaluate
-    from mmkd.student.train import TrainConfig, train
+    from mmkd.student.train import train
 
     w = Path(cfg.workdir)
     if cfg.fresh and w.exists():

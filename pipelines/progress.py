@@ -14,32 +14,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from mmkd.common.units import format_bytes, format_duration
+
 
 def eta_seconds(done: float, total: float, elapsed: float) -> float | None:
     """Seconds left if the rest of the work goes at the rate so far; None before any."""
     if done <= 0 or elapsed <= 0:
         return None
     return max(0.0, total - done) * elapsed / done
-
-
-def format_duration(seconds: float | None) -> str:
-    """73 -> '1m13s', 7300 -> '2h01m', None -> '?'."""
-    if seconds is None:
-        return "?"
-    s = int(round(seconds))
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
 
 
 @dataclass
@@ -90,16 +72,21 @@ class Progress:
             eta = format_duration(eta_seconds(self.work_done - w1, self.work - w1, dt))
         else:
             rates, eta = f"first batch after {format_duration(now - self.start)};  ", "?"
-        per_target = f" ({bytes_written / self.targets:.1f} B/target)" if bytes_written and self.targets else ""
+        # shards are committed by the background writer: early lines may come before the first one
+        written = "no shard committed yet" if not bytes_written else f"written {format_bytes(bytes_written)}" + (
+            f" ({bytes_written / self.targets:.1f} B/target)" if self.targets else "")
         return (f"[teacher-pass] {n}/{self.total} samples ({100 * n / max(1, self.total):.1f}%)  {rates}"
-                f"ETA {eta}  written {format_bytes(bytes_written)}{per_target}")
+                f"ETA {eta}  {written}")
 
     def summary(self, rows: int, shards: int, size: int, targets: int, output: str) -> str:
         """The closing line: the whole cache's size per target token, and this run's rates
         (start-up included)."""
         elapsed = self.clock() - self.start
-        run = (f"; this run: {self.samples} samples, {self.targets:,} targets in {format_duration(elapsed)} "
-               f"({self.samples / elapsed:.2f} samples/s, {self.targets / elapsed:,.0f} targets/s, start-up included)"
-               if self.samples and elapsed > 0 else "")
-        return (f"[teacher-pass] done: {rows} rows in {shards} shards, {format_bytes(size)}, {targets:,} target "
-                f"tokens, {size / max(1, targets):.1f} bytes per target token{run} -> {output}")
+        rates = f"{self.samples / elapsed:.2f} samples/s" + (f", {self.targets / elapsed:,.0f} targets/s" if self.targets
+                                                            else "")
+        run = (f"; this run: {self.samples} samples{f', {self.targets:,} targets' if self.targets else ''} in "
+               f"{format_duration(elapsed)} ({rates}, start-up included)" if self.samples and elapsed > 0 else "")
+        # a cache of preference log-probs only has rows but no target tokens
+        per = (f"{targets:,} target tokens, {size / targets:.1f} bytes per target token" if targets
+               else f"no target tokens, {format_bytes(size / max(1, rows))} per row")
+        return f"[teacher-pass] done: {rows} rows in {shards} shards, {format_bytes(size)}, {per}{run} -> {output}"

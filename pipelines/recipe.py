@@ -1,4 +1,4 @@
-"""Stage recipes: a YAML file that chains training stages, each a student.train.TrainConfig.
+"""Stage recipes: a YAML file that chains training stages, each a student.config.TrainConfig.
 
     name: llava-kd
     workdir: "{root}/llava_kd"          # stage s writes its model to workdir/s
@@ -32,7 +32,7 @@ from mmkd.common.config import ConfigError, from_dict, merge_dicts
 @dataclass
 class RecipeStage:
     name: str
-    config: "object"  # student.train.TrainConfig
+    config: "object"  # student.config.TrainConfig
 
     @property
     def done(self) -> bool:
@@ -55,7 +55,7 @@ def _substitute(value, root: str):
 def load_recipe(path: str | Path, root: str = DEFAULT_ROOT, workdir: str | None = None
                 ) -> tuple[str, list[RecipeStage]]:
     """(recipe name, its stages with resolved configs); every key is checked."""
-    from mmkd.student.train import TrainConfig
+    from mmkd.student.config import TrainConfig
 
     path = Path(path)
     data = _substitute(yaml.safe_load(path.read_text()) or {}, root)

@@ -14,16 +14,16 @@ command resumes: samples already committed are skipped (docs/architecture.md, in
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
-from dataclasses import dataclass, replace
+import sys
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from mmkd.common.config import (
     ConfigError,
-    InputsConfig,
     command_line,
-    inline,
     need_at_least,
     need_between,
     need_choice,
@@ -36,6 +36,7 @@ from mmkd.common.heads import DTYPES
 from mmkd.common.inputs import input_identity, read_config_inputs
 from mmkd.common.preprocess import image_token_count
 from mmkd.pipelines.batching import batch_blocks, estimated_tokens, plan_batches, teacher_tokenizer
+from mmkd.pipelines.config import TeacherPassConfig
 from mmkd.pipelines.progress import Progress
 from mmkd.pipelines.quarantine import Quarantine, worker_options
 from mmkd.pipelines.workers import TeacherWorker, VllmTeacherWorker, sample_item
@@ -47,36 +48,6 @@ from mmkd.teacher_cache.vllm_backend import check_backend, check_settings
 
 if TYPE_CHECKING:
     from mmkd.teacher_cache.teacher import TeacherSource
-
-
-@dataclass
-class TeacherPassConfig:
-    teacher: str = ""  # Hugging Face model folder of the teacher (weights + processor)
-    inputs: InputsConfig = inline(InputsConfig)  # data, image_root, data_split, image_column, id_column
-    output: str = ""  # cache folder (or fsspec URL) to create or resume
-    records: str = "response"  # comma list of response, visual, relation; or "preference" (data = pairs JSONL)
-    mode: str = "topk"  # "topk": k most probable ids; "sampled": ids drawn from the teacher
-    k: int = 64  # top-k entries kept per supervised position (mode topk)
-    draws: int = 32  # ids drawn per supervised position (mode sampled; at most 255)
-    seed: int = 0  # the order of batches and of rows in shards; sampling (mode sampled: draws depend on the ids too)
-    temperature: float = 1.0
-    dtype: str = "float32"  # teacher dtype: float32, bfloat16, float16
-    device: str = "auto"  # "auto" = CUDA when present, else CPU
-    device_map: str = ""  # "auto": spread a teacher larger than one GPU over the worker's GPUs
-    trust_remote_code: bool = False  # run a checkpoint's own Python code (off unless you turn it on)
-    batch_size: int = 16  # samples per teacher forward (the driver groups samples of similar length)
-    prefetch_batches: int = -1  # batches a worker preprocesses while its teacher runs one; -1 = 1 on GPUs, 0 on CPUs
-    num_workers: int = 1  # teacher actors in the pool
-    num_gpus_per_worker: float = -1  # -1 = 1 when CUDA is present, else 0
-    rows_per_shard: int = 512
-    max_length: int = 2048
-    address: str | None = None  # Ray cluster address ("auto", "ray://..."); None = local Ray
-    new_cache: bool = False  # replace a cache in `output` made with other settings
-    backend: str = "transformers"  # teacher runtime: transformers | vllm (docs/vllm-backend.md)
-    tensor_parallel_size: int = 1  # vllm only: GPUs per teacher (one actor gets this many)
-    vllm_args: str = ""  # vllm only: JSON object of extra vllm.LLM() arguments, e.g. {"gpu_memory_utilization": 0.8}
-    fail_fast: bool = False  # stop at the first bad sample instead of quarantining it to <output>/errors.jsonl
-    max_retries: int = 3  # times Ray retries a batch whose worker process died; then its samples are reported
 
 
 _POSITIONS = {
@@ -218,7 +189,10 @@ def run_teacher_pass(cfg: TeacherPassConfig, log=print) -> Manifest:
         worker = VllmTeacherWorker if cfg.backend == "vllm" else TeacherWorker
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # same input -> same shards
-        ctx.enable_progress_bars = False
+        # Ray Data's bars on a terminal; in a log file the pass's own lines (pipelines/progress.py) say it all
+        ctx.enable_progress_bars = sys.stderr.isatty()
+        if not ctx.enable_progress_bars:
+            logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # its "bars disabled" hint
         ctx.max_errored_blocks = 0 if cfg.fail_fast else -1  # a batch Ray gave up on: reported by quarantine.finish
         batches = plan_batches(pending, cfg.batch_size, lengths=lengths, shuffle_seed=cfg.seed)  # longest first,
         # then the others in a seeded random order: shards get a mix of lengths

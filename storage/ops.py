@@ -46,7 +46,7 @@ def merge_caches(inputs: list[str], output: str) -> Manifest:
                                  "(`mmkd cache subset`) before merging")
             owner[sid] = c.path
     out = _fresh_copy(caches[0].manifest, {"merged_from": [c.manifest.cache_id for c in caches],
-                                           "num_samples": len(owner)}, ["merge", output, *inputs])
+                                           "num_samples": len(owner)}, ["merge", *inputs, output])
     writer = CacheWriter(output, out)
     for c in caches:
         for s in c.manifest.shards:

@@ -88,7 +88,7 @@ def check_same_run(saved: dict, cfg, what: str) -> None:
             for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     if diff:
         raise ConfigError(f"{what} was made with another config ({'; '.join(diff)}); it cannot be continued "
-                          f"with this one. Use a new output_dir, or resume=false (--resume false) to train from step 0 "
+                          f"with this one. Use a new output_dir, or resume: false (--no-resume) to train from step 0 "
                           f"in {cfg.output_dir}, replacing its run")
 
 
@@ -123,7 +123,7 @@ def find_resume(cfg, world: int, rank: int, log=print) -> tuple[dict | None, Pat
         summary = json.loads((out_dir / SUMMARY).read_text())
         check_same_run(summary["config"], cfg, f"the finished run in {out_dir}")
         log(f"[train] {out_dir} holds a finished run ({summary['steps']} steps): not training again "
-            "(resume=false retrains)")
+            "(--no-resume retrains)")
         return summary, None
     complete = complete_checkpoints(out_dir)
     if rank == 0:
@@ -138,7 +138,7 @@ def find_resume(cfg, world: int, rank: int, log=print) -> tuple[dict | None, Pat
     if state["world_size"] != world:
         raise ConfigError(f"the checkpoint {latest} was made by {state['world_size']} ranks, this run has {world}: "
                           "the ranks' batches would differ. Resume with the same number of ranks, or use a new "
-                          "output_dir (or resume=false)")
+                          "output_dir (or --no-resume)")
     return None, latest
 
 
@@ -202,7 +202,7 @@ def restore(engine, folder: Path | None, out_dir: Path, rank: int, log=print) ->
                                                   load_lr_scheduler_states=True)
         if load_path is None:
             raise ConfigError(f"{folder}: DeepSpeed found no checkpoint files in this complete checkpoint; delete "
-                              "the folder to resume from the one before, or resume=false")
+                              "the folder to resume from the one before, or --no-resume")
         pos = Position(**json.loads((folder / STATE).read_text())["position"])
         _set_rng_state(json.loads((folder / f"rng_rank{rank}.json").read_text()))
         log(f"[train] resuming from step {pos.step} (epoch {pos.epoch}, batch {pos.batch}) of {folder}")

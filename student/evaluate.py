@@ -23,17 +23,17 @@ mean over bins of |accuracy - confidence|).
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
 import torch
 
-from mmkd.common.config import InputsConfig, inline, need_at_least, need_model, need_path
+from mmkd.common.config import InputsConfig, need_at_least, need_model, need_path
 from mmkd.common.inputs import SampleTable
-from mmkd.common.models import load_processor
+from mmkd.common.models import length_limit, load_processor
 from mmkd.common.preprocess import image_token_id
 from mmkd.storage.reader import TeacherCache
+from mmkd.student.config import EvalConfig
 from mmkd.student.data import StudentData, check_student_vocab
 from mmkd.student.fused import head_top1
 from mmkd.student.model import load_model
@@ -60,21 +60,6 @@ def _answer(sample) -> str:
     return next(m["content"] for m in reversed(sample.messages) if m["role"] == "assistant").strip().lower()
 
 
-@dataclass
-class EvalConfig:
-    """`mmkd eval`: a saved model scored on a split."""
-
-    model: str = ""  # model folder (with its processor)
-    inputs: InputsConfig = inline(InputsConfig)  # the split's samples: data, image_root, data_split, ...
-    cache: str | None = None  # teacher cache of the same split, for KL to the teacher
-    teacher: str | None = None  # teacher model folder: loaded for the exact full-vocabulary KL (full_kl_to_teacher)
-    batch_size: int = 64
-    max_length: int = 256
-    # also write the metrics JSON here (None: MODEL/eval.json when the model is the output folder of
-    # `mmkd train`, for `mmkd plot`; "" writes nothing)
-    out: str | None = None
-
-
 def check_config(cfg: EvalConfig) -> None:
     """Refuse what evaluation cannot honour before any model loads (ConfigError)."""
     need_model(cfg, "model", "model")
@@ -85,12 +70,12 @@ def check_config(cfg: EvalConfig) -> None:
     if cfg.teacher:
         need_model(cfg, "teacher", "teacher model", hub=False)
     need_at_least(cfg, 1, "batch_size")
-    need_at_least(cfg, 2, "max_length")
+    need_at_least(cfg, 0, "max_length")
 
 
 @torch.no_grad()
 def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, batch_size: int = 64,
-             max_length: int = 256, device: str = "cpu", teacher: str | None = None) -> dict:
+             max_length: int = 0, device: str = "cpu", teacher: str | None = None) -> dict:
     """Metrics of the model saved at model_path on the samples of `inputs`:
     accuracy (exact match), accuracy per task (the samples' "task" field, if any),
     ce (nats per supervised token: the cross-entropy of the reference tokens), ece (the
@@ -103,9 +88,11 @@ def evaluate(model_path: str, inputs: InputsConfig, cache: str | None = None, ba
     when the data has existence questions (task "exists"), hallucination_rate: the
     fraction of those about an ABSENT object that the model answers "yes" (POPE's
     false-positive rate; the answer is the argmax at the first answer token).
-    `inputs.data` is any input of common.inputs.read_inputs."""
+    `inputs.data` is any input of common.inputs.read_inputs; max_length 0 = the model's limit
+    (common.models.length_limit)."""
     model = load_model(model_path, device=device).eval()
     processor = load_processor(model_path)
+    max_length = max_length or length_limit(model.config, processor) or 2048
     teacher_cache = TeacherCache(cache) if cache else None
     dataset = StudentData(SampleTable(inputs), processor, inputs.image_root, max_length, teacher_cache)
     if teacher_cache is not None:

@@ -15,7 +15,6 @@ its processor, it loads like any downloaded checkpoint.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,20 +28,7 @@ from transformers import (
 
 from mmkd.common.models import is_multimodal_config, is_text_only
 from mmkd.common.preprocess import image_token_id
-
-
-@dataclass
-class LlavaArch:
-    """Sizes of a LLaVA-1.5-style model: CLIP vision tower + MLP projector + Llama LLM."""
-
-    vision_hidden: int = 64
-    vision_layers: int = 2
-    vision_heads: int = 4
-    text_hidden: int = 128
-    text_layers: int = 4
-    text_heads: int = 4
-    text_intermediate: int = 256
-    max_positions: int = 256
+from mmkd.student.config import LlavaArch
 
 
 def _text_config(arch: LlavaArch, tok) -> LlamaConfig:

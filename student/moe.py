@@ -44,71 +44,15 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from mmkd.student.config import MoEConfig
+
 MOE_CONFIG_KEY = "mmkd_moe"
-
-
-@dataclass
-class MoEConfig:
-    """How to upcycle a dense student.
-
-    num_experts: experts per MoE layer (each starts as a copy of the dense FFN).
-    top_k: experts per token, 1 or 2 (the gatings DeepSpeed's MoE layer supports). Only
-        top-2 preserves the dense function at initialisation (see the module docstring).
-    every: upcycle every `every`-th decoder layer, the last of each group of `every`:
-        layers i with i % every == every - 1, i.e. 1, 3, 5, ... for every=2, all layers for
-        every=1. This is the GShard / Switch Transformer layout ("every other FFN layer is
-        an MoE layer") with the first layer kept dense, which halves the expert parameters
-        and all-to-all traffic of upcycling every layer.
-    capacity_factor / eval_capacity_factor: expert capacity (tokens an expert takes per
-        forward) as a multiple of the even share, in training / eval. Top-2 gating doubles
-        it (DeepSpeed). With drop_tokens, routes over capacity are dropped: a token keeps
-        its other route at full weight, and a token that loses all its routes gets 0 from
-        the layer (the residual connection carries it).
-    min_capacity: the least capacity per expert whatever the factor.
-    drop_tokens: False gives every expert room for all its tokens (no dropping).
-    aux_weight: the weight of the load-balancing loss (moe_aux_loss) in the training loss.
-    top2_sampling: in training, pick the second expert by Gumbel sampling (GShard's random
-        routing, DeepSpeed's default); outside training the second expert is always the
-        argmax.
-    """
-
-    num_experts: int = 4
-    top_k: int = 2
-    every: int = 2
-    capacity_factor: float = 1.5
-    eval_capacity_factor: float = 2.0
-    min_capacity: int = 4
-    drop_tokens: bool = True
-    aux_weight: float = 0.01
-    top2_sampling: bool = True
-
-    def __post_init__(self):
-        if self.top_k not in (1, 2):
-            raise ValueError(f"top_k={self.top_k}: DeepSpeed's MoE layer supports top-1 and top-2 gating")
-        if self.num_experts < self.top_k:
-            raise ValueError(f"num_experts={self.num_experts} is fewer than top_k={self.top_k}")
-        if self.every < 1:
-            raise ValueError(f"every={self.every} must be >= 1")
-        if self.min_capacity < 0 or self.capacity_factor <= 0 or self.eval_capacity_factor <= 0:
-            raise ValueError("capacity factors must be > 0 and min_capacity >= 0")
-
-    def layer_indices(self, num_layers: int) -> list[int]:
-        """The decoder layers this config upcycles, out of num_layers."""
-        return [i for i in range(num_layers) if i % self.every == self.every - 1]
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MoEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown MoE config keys {unknown} (saved by a newer mmkd?)")
-        return cls(**d)
 
 
 class MoEMLP(nn.Module):

@@ -1,9 +1,10 @@
 """What a training run records, on rank 0: one JSON line per optimizer step
-(output_dir/train_log.jsonl), the same values as TensorBoard scalars
-(output_dir/tensorboard/), and a progress bar on a terminal (on anything else, such as a
-log file, a line every log_every steps).
+(output_dir/train_log.jsonl), the same values to the trackers of `report_to` (TensorBoard in
+output_dir/tensorboard/, Weights & Biases, MLflow: accelerate's tracker classes), and a
+progress bar on a terminal (on anything else, such as a log file, a line every log_every
+steps, with the time elapsed and the estimated time left).
 
-A step's record, by JSON key (TensorBoard tag in brackets):
+A step's record, by JSON key (tracker tag in brackets):
 
     step             optimizer step, from 1 (the scalars' x axis)
     epoch            epoch, from 0                                          [progress/epoch]
@@ -24,10 +25,14 @@ Throughputs are rank 0's (every rank trains as many samples per step; multiply b
 size for the whole run's). data_wait near 0 means the loader workers keep up with the step;
 a large value means the step waits for data (more `num_workers`, or `keep_encoded` for small
 data sets). The first step of an epoch includes starting the loader's worker processes.
+
+W&B and MLflow are configured the way their own tools are (WANDB_API_KEY, WANDB_MODE,
+MLFLOW_TRACKING_URI, ...); the run's settings are stored there as its configuration.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -35,8 +40,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+from mmkd.common.units import format_duration
+
 LOG_NAME = "train_log.jsonl"
 TENSORBOARD_DIR = "tensorboard"
+# report_to's trackers: the package each needs (accelerate.tracking drives them)
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb", "mlflow": "mlflow"}
 # TensorBoard group of each non-loss key; every other key (loss and the terms) is train/<key>.
 GROUPS = {"epoch": "progress", "lr": "opt", "step_s": "perf", "data_wait": "perf", "samples_per_s": "perf",
           "tokens_per_s": "perf"}
@@ -91,41 +100,71 @@ class StepClock:
         return out
 
 
-def summary_writer(folder: Path, purge_step: int | None = None):
-    """torch's TensorBoard SummaryWriter on folder (needs the tensorboard package);
-    purge_step: scalars logged earlier at steps >= purge_step are discarded."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as e:
-        raise ImportError("TensorBoard logging needs the tensorboard package: pip install tensorboard, or set "
-                          "tensorboard: false (--tensorboard false) to train without it") from e
-    return SummaryWriter(str(folder), flush_secs=30, purge_step=purge_step)
+def parse_report_to(value: str) -> list[str]:
+    """report_to's comma list as tracker names ("none" or "" = none); ValueError naming an
+    unknown tracker or a missing package, with the pip command."""
+    names = [n.strip() for n in value.split(",") if n.strip() and n.strip() != "none"]
+    for name in names:
+        if name not in TRACKERS:
+            raise ValueError(f"unknown tracker {name!r}; choose from {', '.join(TRACKERS)} or none")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ValueError(f"{name} is not installed: pip install {TRACKERS[name]}, or leave {name} out")
+    return names
+
+
+def open_trackers(names: list[str], out_dir: Path, resume_step: int, project: str, run_name: str,
+                  config: dict | None) -> list:
+    """Started accelerate trackers for `names`. TensorBoard writes out_dir/tensorboard
+    (replaced, unless resume_step > 0: then the scalars of steps >= resume_step + 1, which are
+    redone, are dropped); W&B and MLflow get the run as `run_name` in `project` (W&B project,
+    MLflow experiment) with `config` (flat {key: scalar}) as its configuration."""
+    from accelerate import PartialState
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    if names:
+        PartialState()  # accelerate's trackers log through it; in a DeepSpeed run it reads the existing process group
+    trackers = []
+    for name in names:
+        if name == "tensorboard":
+            folder = out_dir / TENSORBOARD_DIR
+            if not resume_step:
+                shutil.rmtree(folder, ignore_errors=True)  # old event files would mix two runs' curves
+            tracker = TensorBoardTracker("", folder, flush_secs=30, purge_step=resume_step + 1 if resume_step else None)
+        elif name == "wandb":
+            tracker = WandBTracker(project, name=run_name, dir=str(out_dir))
+        else:
+            tracker = MLflowTracker(experiment_name=project, run_name=run_name)
+        # only rank 0 opens a RunLog: accelerate's own main-process test would build its PartialState
+        tracker.main_process_only = False
+        tracker.start()
+        if config and name != "tensorboard":  # TensorBoard's hparams would add a run folder of their own
+            tracker.store_init_configuration(config)
+        trackers.append(tracker)
+    return trackers
 
 
 class RunLog:
     """Rank 0's record of a run: `step(record)` once per optimizer step, `close()` at the end.
 
-    out_dir: the run's output_dir; train_log.jsonl and tensorboard/ are replaced (a run in
-    the same folder starts a new record), unless resume_step > 0: a run resumed from the
-    checkpoint of that step appends to the log (student.checkpoint.restore has cut it back
-    to that step) and TensorBoard drops the scalars of later steps (they are redone).
-    total_steps: the run's optimizer steps (the bar's length). tensorboard: write the
-    scalars too. bar: show a tqdm progress bar on stdout; None = when stdout is a terminal.
-    Without the bar, `log` gets a line every log_every steps and at the last step.
+    out_dir: the run's output_dir; train_log.jsonl (and TensorBoard's folder) are replaced (a
+    run in the same folder starts a new record), unless resume_step > 0: a run resumed from
+    the checkpoint of that step appends to the log (student.checkpoint.restore has cut it
+    back to that step). total_steps: the run's optimizer steps (the bar's length).
+    report_to: tracker names (parse_report_to), opened by open_trackers with project,
+    run_name (default: out_dir's name) and config. bar: show a tqdm progress bar on stdout;
+    None = when stdout is a terminal. Without the bar, `log` gets a line every log_every
+    steps and at the last step.
     """
 
-    def __init__(self, out_dir: Path, total_steps: int, log_every: int, tensorboard: bool = True,
-                 log: Callable[[str], None] = print, bar: bool | None = None, resume_step: int = 0):
+    def __init__(self, out_dir: Path, total_steps: int, log_every: int, report_to: list[str] = ("tensorboard",),
+                 log: Callable[[str], None] = print, bar: bool | None = None, resume_step: int = 0,
+                 project: str = "mmkd", run_name: str = "", config: dict | None = None):
         self.total_steps, self.log_every, self.log = total_steps, log_every, log
-        self.start = time.perf_counter()
+        self.start, self.first_step = time.perf_counter(), resume_step
         # line-buffered: readable while training, and on disk before the next checkpoint
         self.file = open(Path(out_dir) / LOG_NAME, "a" if resume_step else "w", buffering=1)
-        self.writer = None
-        if tensorboard:
-            folder = Path(out_dir) / TENSORBOARD_DIR
-            if not resume_step:
-                shutil.rmtree(folder, ignore_errors=True)  # old event files would mix two runs' curves
-            self.writer = summary_writer(folder, purge_step=resume_step + 1 if resume_step else None)
+        self.trackers = open_trackers(list(report_to), Path(out_dir), resume_step, project,
+                                      run_name or Path(out_dir).resolve().name, config)
         self.bar = None
         if sys.stdout.isatty() if bar is None else bar:
             from tqdm import tqdm
@@ -137,10 +176,9 @@ class RunLog:
         """record: the step's scalars (module docstring); 'step' is required."""
         step = record["step"]
         self.file.write(json.dumps(record) + "\n")
-        if self.writer is not None:
-            for key, value in record.items():
-                if key != "step":
-                    self.writer.add_scalar(tag(key), value, step)
+        scalars = {tag(key): value for key, value in record.items() if key != "step"}
+        for tracker in self.trackers:
+            tracker.log(scalars, step=step)
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                                  wait=f"{record['data_wait']:.0%}", refresh=False)
@@ -149,15 +187,20 @@ class RunLog:
             self.log(self.line(record))
 
     def line(self, record: dict) -> str:
+        """The log line of a step: its loss and terms, lr, rates, time elapsed and the time
+        left at this run's mean step time so far."""
         terms = " ".join(f"{k} {v:.4f}" for k, v in record.items() if is_loss_key(k) and k != "loss")
+        elapsed = time.perf_counter() - self.start
+        done = max(record["step"] - self.first_step, 1)
+        eta = elapsed / done * (self.total_steps - record["step"])
         return (f"[train] step {record['step']}/{self.total_steps} loss {record['loss']:.4f} ({terms}) "
                 f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} sup-tok/s {record['samples_per_s']:.1f} "
-                f"samples/s data wait {record['data_wait']:.0%} elapsed {time.perf_counter() - self.start:.0f}s")
+                f"samples/s data wait {record['data_wait']:.0%} elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
 
     def close(self) -> None:
         self.file.close()
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.finish()
         if self.bar is not None:
             self.bar.close()
 

@@ -30,7 +30,7 @@ import json
 import os
 import socket
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +38,7 @@ import torch
 
 from mmkd.common.config import (
     ConfigError,
-    InputsConfig,
-    inline,
+    flat_dict,
     need_at_least,
     need_between,
     need_choice,
@@ -51,25 +50,25 @@ from mmkd.common.config import (
 )
 from mmkd.common.heads import DTYPES
 from mmkd.common.inputs import SampleTable
-from mmkd.common.models import is_text_only, load_processor
+from mmkd.common.models import is_text_only, length_limit, load_processor
 from mmkd.common.preprocess import image_token_id
 from mmkd.storage.fs import write_atomic
 from mmkd.storage.plan import EpochPlan
 from mmkd.storage.reader import TeacherCache
 from mmkd.storage.writer import ROW_GROUP_ROWS
 from mmkd.student import checkpoint, terms
+from mmkd.student.config import LlavaArch, TrainConfig
 from mmkd.student.data import StudentData, check_student_vocab
 from mmkd.student.losses import DIVERGENCES, LEFTOVER_MODES, PREFERENCE_LOSSES, RELATION_POOLING
 from mmkd.student.model import (
     TRAINABLE,
-    LlavaArch,
     build_student,
     compose_llava,
     composition_problem,
     load_model,
     set_trainable,
 )
-from mmkd.student.moe import MoEConfig, moe_param_groups, save_moe, upcycle
+from mmkd.student.moe import moe_param_groups, save_moe, upcycle
 from mmkd.student.optim import LR_SCHEDULES, OPTIMIZERS, build_optimizer, build_scheduler
 from mmkd.student.outputs import StudentOutputs
 from mmkd.student.parallel import (
@@ -83,71 +82,7 @@ from mmkd.student.parallel import (
     per_rank,
     row_counts,
 )
-from mmkd.student.run_log import RunLog, StepClock
-
-
-@dataclass
-class TrainConfig:
-    inputs: InputsConfig = inline(InputsConfig)  # data, image_root, data_split, image_column, id_column
-    processor: str = ""  # processor folder (tokenizer, chat template, image processor)
-    output_dir: str = ""  # where the trained model (HF folder) and logs go
-    cache: str | None = None  # teacher cache folder; None trains with CE only
-    online_teacher: str | None = None  # comparison only: this teacher resident, full-vocabulary KD (no cache)
-    init_from: str | None = None  # start from this saved model (multimodal or text-only) instead of random weights
-    # the seed papers' student (student.model.compose_llava): this pretrained causal LM as the LLM, the vision tower
-    # copied from `vision_from` (a multimodal model folder: the teacher's) and a new projector; saved to output_dir/init
-    student_llm: str | None = None
-    vision_from: str | None = None
-    projector_act: str = "gelu"  # activation between the new projector's two layers
-    arch: LlavaArch = field(default_factory=LlavaArch)  # sizes when building from scratch (text-only: a Llama LM)
-    subset: int = 0  # train on the first N samples after a seeded shuffle; 0 = all
-    objective: str = "distill"  # "distill" (CE + KD terms) or "preference" (DPO / KTO-pair)
-    trainable: str = "all"  # all | projector | llm+projector | moe (see student.model.set_trainable)
-    ce_weight: float = 1.0
-    kd_weight: float = 1.0  # response targets; used only with a cache
-    visual_weight: float = 0.0  # MDist visual term (needs a cache with visual records)
-    relation_weight: float = 0.0  # RDist (needs a cache with relation records)
-    divergence: str = "forward_kl"  # forward_kl | reverse_kl | jsd, see student.losses
-    kd_leftover: str = "bucket"  # "bucket" or "renormalize", see student.losses
-    relation_pooling: str = "sample"  # "sample" (mean of per-sample cosines) or "batch" (one pooled cosine; see docs/methods.md)
-    preference_loss: str = "dpo"  # dpo | kto_pair (objective preference)
-    beta: float = 0.1  # preference loss temperature
-    upcycle: bool = False  # turn the (dense) initial model into an MoE student first
-    moe: MoEConfig = field(default_factory=MoEConfig)  # experts, top-k, capacity, aux_weight
-    epochs: int = 1
-    max_steps: int = 0  # stop after this many optimizer steps; 0 = run all epochs
-    batch_size: int = 32  # per rank, per micro-step; global batch = batch_size x grad_accum x ranks
-    grad_accum: int = 1
-    optimizer: str = "adamw"  # adamw | adam (student.optim)
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    lr: float = 1e-3
-    lr_schedule: str = "cosine"  # cosine | linear | constant, after a linear warmup (student.optim)
-    warmup_ratio: float = 0.03  # warmup steps = max(1, int(warmup_ratio x optimizer steps))
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    zero_stage: int = 0  # DeepSpeed ZeRO stage (0-3; MoE students 0-2)
-    # your DeepSpeed JSON (offload, bucket sizes, ...), merged with what mmkd sets from its flags
-    # (student.parallel.deepspeed_config; a different value for one of those is refused, naming both)
-    deepspeed: str | None = None
-    gradient_checkpointing: bool = False  # recompute activations in the backward (less memory, ~30% more time)
-    attn_implementation: str | None = None  # transformers attention: eager | sdpa | flash_attention_2 (None: default)
-    dtype: str = "float32"  # or "bfloat16"
-    max_length: int = 256
-    num_workers: int = 1  # data loader processes encoding samples while the step runs
-    keep_encoded: bool = False  # keep encoded samples in memory (small data, many epochs; needs num_workers=0)
-    seed: int = 0
-    # the epoch plan (storage/plan.py): rows are read in `data_streams` streams of shuffled shards (0 = one per
-    # rank; set it to a multiple of the largest rank count to train the same on any number of ranks that divides
-    # it), permuted within windows of `shuffle_window` rows (a larger window shuffles wider and holds more rows)
-    data_streams: int = 0
-    shuffle_window: int = 1024
-    log_every: int = 50  # a log line every N optimizer steps when no progress bar is shown (stdout not a terminal)
-    tensorboard: bool = True  # also write the train_log.jsonl scalars for TensorBoard to output_dir/tensorboard
-    save_every: int = 200  # optimizer steps between checkpoints (output_dir/checkpoints); 0 = none
-    keep_checkpoints: int = 2  # the newest N checkpoints are kept
-    resume: bool = True  # continue from output_dir's latest checkpoint (false: start over, deleting them)
+from mmkd.student.run_log import RunLog, StepClock, parse_report_to
 
 
 def _destroy_process_group() -> None:
@@ -201,7 +136,7 @@ def check_config(cfg: "TrainConfig") -> None:
         need_choice(cfg, name, allowed)
     need_at_least(cfg, 1, "epochs", "batch_size", "grad_accum", "shuffle_window", "keep_checkpoints", "log_every",
                   *(f"arch.{f.name}" for f in fields(LlavaArch)))
-    need_at_least(cfg, 2, "max_length")
+    need_at_least(cfg, 0, "max_length")
     need_at_least(cfg, 0, "max_steps", "subset", "num_workers", "save_every", "data_streams", "seed", "ce_weight",
                   "kd_weight", "visual_weight", "relation_weight", "weight_decay", "grad_clip", "moe.aux_weight")
     need_positive(cfg, "lr", "beta", "adam_epsilon")
@@ -234,6 +169,10 @@ def check_config(cfg: "TrainConfig") -> None:
     from transformers.activations import ACT2FN
 
     need_choice(cfg, "projector_act", tuple(ACT2FN))
+    try:
+        parse_report_to(cfg.report_to)
+    except ValueError as e:
+        raise refuse("report_to", cfg.report_to, str(e)) from None
     if cfg.attn_implementation:
         need_choice(cfg, "attn_implementation", ("eager", "sdpa", "flash_attention_2", "flash_attention_3",
                                                   "flex_attention"))
@@ -273,6 +212,23 @@ def check_model_settings(cfg: "TrainConfig", processor) -> None:
                                                    "processor), so there are no image tokens to distil at")
     if cfg.trainable == "projector":
         raise refuse("trainable", cfg.trainable, "all: a text-only student has no projector")
+
+
+def max_length_of(cfg: TrainConfig, processor) -> int:
+    """cfg.max_length, or when 0 the student's own limit (common.models.length_limit): of
+    the model it starts from (init_from, student_llm) or of the one built from `arch`."""
+    if cfg.max_length:
+        return cfg.max_length
+    source = cfg.init_from or cfg.student_llm
+    if source:
+        from transformers import AutoConfig
+
+        limit = length_limit(AutoConfig.from_pretrained(source), processor)
+    else:
+        limit = length_limit(cfg.arch.max_positions, processor)  # the model build_student makes
+    if limit is None:
+        raise refuse("max_length", 0, f"{source} states no position limit: set --max-length")
+    return limit
 
 
 @dataclass
@@ -393,6 +349,7 @@ def train(cfg: TrainConfig, log=print) -> dict:
     check_paths(cfg)
     processor = load_processor(cfg.processor)
     check_model_settings(cfg, processor)
+    cfg = replace(cfg, max_length=max_length_of(cfg, processor))
     rank, world, device = setup_distributed()
     torch.manual_seed(cfg.seed)
     out_dir = Path(cfg.output_dir)
@@ -423,8 +380,8 @@ def train(cfg: TrainConfig, log=print) -> dict:
     # micro-batches per rank; every loss term is a mean over the step's global batch
     # (student.parallel.StepMeans), logged as such.
     pos = checkpoint.restore(engine, resume_from, out_dir, rank, log)
-    run_log = RunLog(out_dir, total_steps, cfg.log_every, cfg.tensorboard, log, resume_step=pos.step) \
-        if rank == 0 else None
+    run_log = RunLog(out_dir, total_steps, cfg.log_every, parse_report_to(cfg.report_to), log, resume_step=pos.step,
+                     project=cfg.tracker_project, run_name=cfg.run_name, config=flat_dict(cfg)) if rank == 0 else None
     clock = StepClock()
     rows = {t.name: terms.row_kind(t, cfg) for t in stage if terms.row_kind(t, cfg)}
     weights = {t.name: terms.weight_of(t, cfg) for t in stage if terms.weight_of(t, cfg) is not None}

@@ -21,7 +21,8 @@ torch.set_num_threads(2)
 
 from mmkd.pipelines.demo_data import write_demo_dataset
 from mmkd.pipelines.demo_processor import build_demo_processor
-from mmkd.student.model import LlavaArch, build_llava
+from mmkd.student.config import LlavaArch
+from mmkd.student.model import build_llava
 
 TINY = LlavaArch(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=1,
                  text_heads=2, text_intermediate=64)

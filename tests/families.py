@@ -124,7 +124,8 @@ def tiny_llava_onevision(out: str | Path, head_padding: int = 0, seed: int = 0):
 
 def tiny_llava(out: str | Path, processor, head_padding: int = 0, seed: int = 0):
     """A LLaVA-1.5 on the demo processor, its output head padded by head_padding rows."""
-    from mmkd.student.model import LlavaArch, build_llava
+    from mmkd.student.config import LlavaArch
+    from mmkd.student.model import build_llava
 
     model = build_llava(LlavaArch(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64, text_layers=2,
                                   text_heads=2, text_intermediate=128), processor, seed=seed)

@@ -12,10 +12,11 @@ from hypothesis import strategies as st
 
 from mmkd.common.config import ConfigError, from_dict
 from mmkd.pipelines.cli import main
-from mmkd.pipelines.teacher_pass import TeacherPassConfig
+from mmkd.pipelines.config import TeacherPassConfig
 from mmkd.pipelines.teacher_pass import check_config as check_pass
-from mmkd.student.train import TrainConfig, check_paths
+from mmkd.student.config import TrainConfig
 from mmkd.student.train import check_config as check_train
+from mmkd.student.train import check_paths
 
 PASS_CASES = [["--rows-per-shard", "0"], ["--k", "0"], ["--k", "-3"], ["--temperature", "0"],
               ["--dtype", "float13"], ["--batch-size", "0"], ["--batch-size", "-1"], ["--records", "responze"],

@@ -8,8 +8,8 @@ import pytest
 
 from mmkd.common.config import ConfigError, load_config
 from mmkd.pipelines.cli import build_parser, main
-from mmkd.pipelines.demo import DemoConfig
-from mmkd.student.train import TrainConfig
+from mmkd.pipelines.config import DemoConfig
+from mmkd.student.config import TrainConfig
 
 
 def test_yaml_then_flags_override_defaults(tmp_path):
@@ -72,7 +72,7 @@ def test_cache_inspect_merge_subset_commands(tmp_path, capsys):
 
     write(tmp_path / "a", ["a1", "a2", "a3"], rows_per_shard=2)
     write(tmp_path / "b", ["b1", "b2"], rows_per_shard=2, seed=1)
-    assert main(["cache", "merge", str(tmp_path / "m"), str(tmp_path / "a"), str(tmp_path / "b")]) == 0
+    assert main(["cache", "merge", str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "m")]) == 0
     (tmp_path / "ids.txt").write_text("a2\nb1\n")
     assert main(["cache", "subset", str(tmp_path / "m"), str(tmp_path / "s"), "--ids", str(tmp_path / "ids.txt")]) == 0
     capsys.readouterr()

@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 
 from mmkd.common.models import TextProcessor
 from mmkd.pipelines.cli import main
-from mmkd.student.model import LlavaArch, build_student
+from mmkd.student.config import LlavaArch
+from mmkd.student.model import build_student
 
 from tests.conftest import TINY
 
@@ -60,7 +61,7 @@ def test_train_composes_the_student_saves_it_and_check_accepts_the_pair(llm_dir,
     args = ["train", "--student-llm", str(llm_dir), "--vision-from", str(teacher_dir), "--processor", str(teacher_dir),
             "--data", str(demo_dir / "train.json"), "--image-root", str(demo_dir), "--output-dir", str(out),
             "--trainable", "projector", "--max-steps", "2", "--batch-size", "8", "--num-workers", "0",
-            "--save-every", "0", "--tensorboard", "false", "--lr", "0.01"]
+            "--save-every", "0", "--report-to", "none", "--lr", "0.01"]
     assert main(args) == 0
     init = AutoModelForImageTextToText.from_pretrained(out / "init")
     assert init.config.text_config.hidden_size == 48 and init.config.vision_config.hidden_size == TINY.vision_hidden

@@ -18,9 +18,9 @@ import mmkd.student.parallel
 import mmkd.student.train
 from mmkd.common.config import InputsConfig, load_config, to_dict
 from mmkd.pipelines.cli import build_parser
-from mmkd.student.moe import MoEConfig
+from mmkd.student.config import MoEConfig, TrainConfig
 from mmkd.student.optim import build_optimizer, build_scheduler
-from mmkd.student.train import TrainConfig, check_config, train
+from mmkd.student.train import check_config, train
 
 from tests.conftest import TINY
 

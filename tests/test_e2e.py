@@ -6,7 +6,8 @@ import pytest
 
 from mmkd.common.config import load_config
 from mmkd.common.samples import read_llava
-from mmkd.pipelines.demo import DemoConfig, run_demo
+from mmkd.pipelines.config import DemoConfig
+from mmkd.pipelines.demo import run_demo
 from mmkd.storage.inspect import inspect_cache
 from mmkd.storage.reader import TeacherCache
 

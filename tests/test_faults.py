@@ -27,8 +27,9 @@ import pytest
 
 from mmkd.common.config import InputsConfig
 from mmkd.common.samples import SampleError, read_llava, read_preference
+from mmkd.pipelines.config import TeacherPassConfig
 from mmkd.pipelines.quarantine import FAULTS_ENV, WorkerError
-from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from mmkd.pipelines.teacher_pass import run_teacher_pass
 from mmkd.pipelines.workers import TeacherWorker, sample_item
 from mmkd.storage.manifest import Manifest
 from mmkd.storage.reader import TeacherCache

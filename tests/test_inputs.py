@@ -241,9 +241,8 @@ def test_duplicate_ids_and_missing_columns_are_refused(demo_dir, tmp_path):
 
 def test_configs_carry_the_input_options():
     from mmkd.pipelines.cli import _config, build_parser
-    from mmkd.pipelines.teacher_pass import TeacherPassConfig
-    from mmkd.student.evaluate import EvalConfig
-    from mmkd.student.train import TrainConfig
+    from mmkd.pipelines.config import TeacherPassConfig
+    from mmkd.student.config import EvalConfig, TrainConfig
 
     for cls in (TeacherPassConfig, TrainConfig, EvalConfig):  # one InputsConfig, the same flags everywhere
         cfg = cls()

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 from mmkd.common.inputs import load_image
 from mmkd.common.preprocess import collate, encode_sample
 from mmkd.common.samples import read_llava
-from mmkd.student.model import LlavaArch, build_llava
+from mmkd.student.config import LlavaArch
+from mmkd.student.model import build_llava
 from mmkd.student.moe import (
     MoEConfig,
     MoEMLP,

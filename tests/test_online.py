@@ -13,13 +13,15 @@ from mmkd.common.config import InputsConfig
 from mmkd.common.inputs import load_image
 from mmkd.common.preprocess import collate, encode_sample, image_token_id
 from mmkd.common.samples import read_llava
-from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from mmkd.pipelines.config import TeacherPassConfig
+from mmkd.pipelines.teacher_pass import run_teacher_pass
+from mmkd.student.config import TrainConfig
 from mmkd.student.evaluate import evaluate
 from mmkd.student.model import build_llava
 from mmkd.student.online import OnlineTeacher
 from mmkd.student.outputs import vision_inputs
 from mmkd.student.targets import Batch
-from mmkd.student.train import TrainConfig, check_config, train
+from mmkd.student.train import check_config, train
 
 from tests.conftest import TINY
 

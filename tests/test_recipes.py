@@ -16,13 +16,15 @@ import torch
 from mmkd.common.config import InputsConfig
 from mmkd.common.inputs import SampleList
 from mmkd.common.samples import read_llava
+from mmkd.pipelines.config import TeacherPassConfig
 from mmkd.pipelines.recipe import load_recipe
-from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from mmkd.pipelines.teacher_pass import run_teacher_pass
 from mmkd.storage.reader import TeacherCache
 from mmkd.storage.schema import CacheError
+from mmkd.student.config import TrainConfig
 from mmkd.student.data import StudentData
 from mmkd.student.model import load_model
-from mmkd.student.train import TrainConfig, train
+from mmkd.student.train import train
 
 from tests.conftest import TINY
 

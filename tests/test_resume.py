@@ -9,6 +9,7 @@ import dataclasses
 import json
 import os
 import random
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,10 +21,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from mmkd.common.config import ConfigError, InputsConfig, to_dict
+from mmkd.common.config import ConfigError, InputsConfig, flag, to_dict
 from mmkd.student import checkpoint
+from mmkd.student.config import TrainConfig
 from mmkd.student.run_log import GROUPS
-from mmkd.student.train import TrainConfig, train
+from mmkd.student.train import train
 
 from tests.conftest import TINY
 
@@ -42,7 +44,7 @@ def _flags(cfg: TrainConfig) -> list[str]:
     args = []
     for key, value in flat.items():
         if value is not None:
-            args += ["--" + key.replace("_", "-"), str(value)]
+            args += shlex.split(flag(key, value))
     return [sys.executable, "-m", "mmkd.pipelines.cli", "train", *args]
 
 
@@ -132,7 +134,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(student, small_cache, de
 
 
 def test_a_checkpoint_of_another_config_is_refused(tmp_path):
-    cfg = TrainConfig(inputs=InputsConfig(data="d.json"), processor="p", output_dir=str(tmp_path), save_every=3)
+    cfg = TrainConfig(inputs=InputsConfig(data="d.json"), processor="p", output_dir=str(tmp_path), save_every=3,
+                      lr=1e-3)
     folder = tmp_path / checkpoint.CHECKPOINTS / "step00000003"
     folder.mkdir(parents=True)
     checkpoint.mark_complete(folder, cfg, checkpoint.Position(3, 0, 3, 1.0), world=1)
@@ -152,7 +155,7 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path):
         checkpoint.find_resume(other, world=1, rank=0)
     msg = str(e.value)
     assert "arch.text_hidden: 128 there, 64 now" in msg and "lr: 0.001 there, 0.0005 now" in msg
-    assert "log_every" not in msg and "new output_dir" in msg and "resume=false" in msg
+    assert "log_every" not in msg and "new output_dir" in msg and "--no-resume" in msg
     with pytest.raises(ConfigError, match="made by 1 ranks, this run has 2"):
         checkpoint.find_resume(cfg, world=2, rank=0)
 

@@ -14,9 +14,10 @@ from mmkd.common.preprocess import collate, encode_sample, image_token_count, im
 from mmkd.common.samples import read_llava
 from mmkd.storage.manifest import Manifest
 from mmkd.storage.writer import CacheWriter
+from mmkd.student.config import TrainConfig
 from mmkd.student.outputs import StudentOutputs
 from mmkd.student.run_log import RunLog, StepClock, tag
-from mmkd.student.train import TrainConfig, train
+from mmkd.student.train import train
 from mmkd.teacher_cache.extract import ExtractionSpec, extract_rows, to_device
 from mmkd.teacher_cache.teacher import load_teacher, processor_description
 
@@ -124,7 +125,7 @@ def _record(step):
 
 def test_progress_bar_replaces_the_log_lines_and_tensorboard_can_be_off(tmp_path, capsys):
     lines = []
-    run = RunLog(tmp_path, total_steps=3, log_every=1, tensorboard=False, log=lines.append, bar=True)
+    run = RunLog(tmp_path, total_steps=3, log_every=1, report_to=(), log=lines.append, bar=True)
     for s in (1, 2, 3):
         run.step(_record(s))
     run.close()
@@ -132,7 +133,7 @@ def test_progress_bar_replaces_the_log_lines_and_tensorboard_can_be_off(tmp_path
     assert "3/3" in bar and "loss=0.3333" in bar and "tok_s=900" in bar
     assert lines == [] and not (tmp_path / "tensorboard").exists()
     assert [json.loads(x)["step"] for x in (tmp_path / "train_log.jsonl").read_text().splitlines()] == [1, 2, 3]
-    run = RunLog(tmp_path, total_steps=3, log_every=2, tensorboard=False, log=lines.append, bar=False)
+    run = RunLog(tmp_path, total_steps=3, log_every=2, report_to=(), log=lines.append, bar=False)
     for s in (1, 2, 3):
         run.step(_record(s))
     run.close()

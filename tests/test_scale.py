@@ -9,7 +9,8 @@ import pytest
 from mmkd.common.config import InputsConfig
 from mmkd.common.samples import Sample
 from mmkd.pipelines.batching import batch_blocks, estimated_tokens, plan_batches
-from mmkd.pipelines.progress import Progress, eta_seconds, format_duration
+from mmkd.common.units import format_duration
+from mmkd.pipelines.progress import Progress, eta_seconds
 from mmkd.storage.reader import TeacherCache
 from mmkd.storage.schema import CacheError
 from mmkd.storage.tables import raw_table
@@ -89,6 +90,13 @@ def test_progress_rates_eta_and_summary():
     s = p.summary(rows=100, shards=4, size=400_000, targets=4000, output="out")
     assert "100 rows in 4 shards, 400.0 KB, 4,000 target tokens, 100.0 bytes per target token" in s
     assert "this run: 80 samples, 4,000 targets in 50s (1.60 samples/s, 80 targets/s, start-up included) -> out" in s
+    # a preference cache: rows but no target tokens; the first lines come before any shard is committed
+    lines.clear()
+    q = Progress(total=10, done_before=0, work=10.0, log=lines.append, clock=lambda: now[0], start=0.0)
+    q.update(10, 0, 10.0, 0)
+    assert lines[0].endswith("ETA ?  no shard committed yet") and "B/target" not in lines[0]
+    s = q.summary(rows=10, shards=1, size=5000, targets=0, output="out")
+    assert "no target tokens, 500 B per row" in s and "bytes per target token" not in s and "targets/s" not in s
 
 
 def test_background_writer_commits_what_the_writer_would(tmp_path):

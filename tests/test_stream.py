@@ -20,9 +20,10 @@ from mmkd.storage.manifest import Manifest
 from mmkd.storage.plan import EpochPlan
 from mmkd.storage.reader import TeacherCache
 from mmkd.storage.writer import CacheWriter
+from mmkd.student.config import TrainConfig
 from mmkd.student.data import StudentData
 from mmkd.student.targets import Sampled
-from mmkd.student.train import TrainConfig, train
+from mmkd.student.train import train
 
 from tests.conftest import TINY
 
@@ -45,7 +46,7 @@ sys.exit(rc)
 def _peak_rss_mb(root: Path, out: Path) -> float:
     args = ["train", "--data", str(root / "data.jsonl"), "--image-column", "", "--processor", str(root / "processor"),
             "--cache", str(root / "cache"), "--output-dir", str(out), "--max-steps", "3", "--batch-size", "2",
-            "--num-workers", "0", "--save-every", "0", "--tensorboard", "false", "--max-length", "512",
+            "--num-workers", "0", "--save-every", "0", "--report-to", "none", "--max-length", "512",
             "--arch.vision-hidden", "32", "--arch.vision-layers", "1", "--arch.vision-heads", "2",
             "--arch.text-hidden", "32", "--arch.text-layers", "1", "--arch.text-heads", "2",
             "--arch.text-intermediate", "64", "--arch.max-positions", "512", "--shuffle-window", "64"]

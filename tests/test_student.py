@@ -15,10 +15,11 @@ from mmkd.common.samples import read_llava
 from mmkd.storage.manifest import Manifest
 from mmkd.storage.plan import EpochPlan
 from mmkd.storage.reader import TeacherCache
+from mmkd.student.config import TrainConfig
 from mmkd.student.data import AlignmentError, StudentData
 from mmkd.student.evaluate import evaluate
 from mmkd.student.targets import TopK
-from mmkd.student.train import TrainConfig, train
+from mmkd.student.train import train
 from mmkd.teacher_cache.teacher import load_teacher
 
 from tests.conftest import TINY

@@ -11,7 +11,8 @@ from mmkd.common.config import InputsConfig
 from mmkd.common.inputs import load_image
 from mmkd.common.preprocess import collate, encode_sample
 from mmkd.common.samples import read_llava
-from mmkd.pipelines.teacher_pass import TeacherPassConfig, run_teacher_pass
+from mmkd.pipelines.config import TeacherPassConfig
+from mmkd.pipelines.teacher_pass import run_teacher_pass
 from mmkd.storage.manifest import Manifest
 from mmkd.storage.reader import TeacherCache
 from mmkd.storage.schema import CacheError

@@ -17,7 +17,7 @@ from mmkd.storage.reader import TeacherCache
 
 STUDENT = ["--arch.text-hidden", "32", "--arch.text-layers", "1", "--arch.text-heads", "2",
            "--arch.text-intermediate", "64"]
-QUICK = ["--batch-size", "8", "--num-workers", "0", "--save-every", "0", "--tensorboard", "false"]
+QUICK = ["--batch-size", "8", "--num-workers", "0", "--save-every", "0", "--report-to", "none"]
 
 
 @pytest.fixture(scope="module")

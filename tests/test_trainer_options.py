@@ -7,8 +7,8 @@ import pytest
 
 from mmkd.common.config import ConfigError
 from mmkd.pipelines.cli import main
+from mmkd.student.config import TrainConfig
 from mmkd.student.parallel import deepspeed_config
-from mmkd.student.train import TrainConfig
 
 STUDENT = ["--arch.text-hidden", "32", "--arch.text-layers", "1", "--arch.text-heads", "2",
            "--arch.text-intermediate", "64"]
@@ -42,7 +42,7 @@ def test_a_deepspeed_json_is_merged_and_conflicts_are_named(tmp_path):
 def test_train_runs_with_a_deepspeed_json_checkpointing_and_eager_attention(text_dir, tmp_path, capsys):
     teacher = str(text_dir / "teacher")
     base = ["train", "--processor", teacher, "--data", str(text_dir / "train.json"), *STUDENT, "--batch-size", "8",
-            "--num-workers", "0", "--save-every", "0", "--tensorboard", "false", "--max-steps", "2"]
+            "--num-workers", "0", "--save-every", "0", "--report-to", "none", "--max-steps", "2"]
     ds = _ds(tmp_path, {"zero_optimization": {"stage": 0}, "wall_clock_breakdown": False})
     out = tmp_path / "s"
     assert main([*base, "--output-dir", str(out), "--deepspeed", ds, "--gradient-checkpointing",
@@ -58,7 +58,7 @@ def test_train_runs_with_a_deepspeed_json_checkpointing_and_eager_attention(text
 
 
 def test_help_shows_each_knobs_comment_and_built_defaults(capsys):
-    from mmkd.pipelines.demo import DemoConfig
+    from mmkd.pipelines.config import DemoConfig
 
     for argv in (["train", "--help"], ["demo", "--help"], ["--version"]):
         with pytest.raises(SystemExit) as e:

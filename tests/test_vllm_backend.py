@@ -34,7 +34,8 @@ from mmkd.common.config import InputsConfig
 from mmkd.common.inputs import load_image
 from mmkd.common.preprocess import collate, encode_sample, image_token_id
 from mmkd.common.samples import read_llava, read_preference
-from mmkd.pipelines.teacher_pass import TeacherPassConfig, build_manifest
+from mmkd.pipelines.config import TeacherPassConfig
+from mmkd.pipelines.teacher_pass import build_manifest
 from mmkd.storage.codec import LEVELS
 from mmkd.storage.schema import CacheError
 from mmkd.storage.writer import open_writer
@@ -93,7 +94,8 @@ def models(tmp_path_factory, processor, demo_dir):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from mmkd.pipelines.demo_processor import build_text_tokenizer
-    from mmkd.student.model import LlavaArch, build_llava
+    from mmkd.student.config import LlavaArch
+    from mmkd.student.model import build_llava
 
     root = tmp_path_factory.mktemp("vllm_models")
     arch = LlavaArch(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64, text_layers=2,

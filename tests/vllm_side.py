@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 def main(spec_path: str) -> None:
     from mmkd.common.config import InputsConfig
     from mmkd.common.samples import read_llava, read_preference
-    from mmkd.pipelines.teacher_pass import TeacherPassConfig
+    from mmkd.pipelines.config import TeacherPassConfig
     from mmkd.pipelines.workers import VllmTeacherWorker, sample_item
     from mmkd.teacher_cache.extract import parse_records
 
