@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("path", help="cache folder or URL")
     ver.set_defaults(func=cmd_cache_verify)
     mer = csub.add_parser("merge", help="Join caches made with identical settings into a new cache.")
-    mer.add_argument("inputs", nargs="+", metavar="INPUT", help="caches to join (no sample may appear in two)")
+    mer.add_argument("inputs", nargs="+", metavar="input", help="caches to join (no sample may appear in two)")
     mer.add_argument("output", help="new cache folder (or fsspec URL); last, like every other command's output")
     mer.set_defaults(func=cmd_cache_merge)
     sbs = csub.add_parser("subset", help="Write a new cache holding only the listed samples.")

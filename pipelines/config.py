@@ -51,14 +51,14 @@ class DemoConfig:
     num_preference: int = 400  # preference pairs (LLaVA-MoD's last stage)
     k: int = 16  # top-k kept per supervised token (the demo vocabulary has ~50 entries)
     teacher_arch: LlavaArch = field(default_factory=LlavaArch)  # the teacher's sizes
-    teacher_epochs: int = 30  # the teacher's supervised training
+    teacher_epochs: int = 20  # the teacher's supervised training
     teacher_lr: float = 5e-4  # the teacher's peak learning rate
     # the students' sizes (all of them: (a)-(d) and the recipes' stages)
     student_arch: LlavaArch = field(default_factory=lambda: LlavaArch(
         vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=64, text_layers=2, text_heads=2,
         text_intermediate=128))
     student_subset: int = 1500  # both students train on the same first N (shuffled) samples
-    student_epochs: int = 20  # each of the students (a)-(d)
+    student_epochs: int = 15  # each of the students (a)-(d)
     student_lr: float = 2e-3  # the students' peak learning rate
     batch_size: int = 32  # samples per step, teacher and students
     fresh: bool = False  # delete the workdir and start over
