@@ -36,7 +36,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    print(f"| command | median s | max s | heavy modules imported |\n|---|---|---|---|")
+    print("| command | median s | max s | heavy modules imported |\n|---|---|---|---|")
     rows = [("python -c pass", [sys.executable, "-c", "pass"])]
     rows += [("mmkd " + " ".join(c), [sys.executable, "-c", PROBE.format(heavy=HEAVY), *c]) for c in COMMANDS]
     for name, argv in rows:

@@ -8,8 +8,8 @@ import pytest
 
 from mmkd.common.config import InputsConfig
 from mmkd.common.samples import Sample
-from mmkd.pipelines.batching import batch_blocks, estimated_tokens, plan_batches
 from mmkd.common.units import format_duration
+from mmkd.pipelines.batching import batch_blocks, estimated_tokens, plan_batches
 from mmkd.pipelines.progress import Progress, eta_seconds
 from mmkd.storage.reader import TeacherCache
 from mmkd.storage.schema import CacheError
