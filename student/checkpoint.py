@@ -48,7 +48,9 @@ STATE = "trainer_state.json"  # the completion marker of one checkpoint
 SUMMARY = "train_summary.json"  # written by train() when the run has finished
 LOG = "train_log.jsonl"  # one JSON line per optimizer step
 # TrainConfig fields that do not change what is computed; every other field must match to resume.
-NOT_MATH = ("output_dir", "log_every", "save_every", "keep_checkpoints", "resume", "num_workers", "keep_encoded")
+# (Gradient checkpointing recomputes the same activations; where the scalars are reported changes nothing.)
+NOT_MATH = ("output_dir", "log_every", "save_every", "keep_checkpoints", "resume", "num_workers", "keep_encoded",
+            "report_to", "tracker_project", "run_name", "gradient_checkpointing")
 
 
 @dataclass

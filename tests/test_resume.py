@@ -144,7 +144,8 @@ def test_a_checkpoint_of_another_config_is_refused(tmp_path):
     (half / "mp_rank_00_model_states.pt").write_bytes(b"partial")
 
     # Fields that do not change the math may differ; the incomplete folder is never loaded.
-    same = dataclasses.replace(cfg, log_every=7, num_workers=0, save_every=5, keep_checkpoints=1)
+    same = dataclasses.replace(cfg, log_every=7, num_workers=0, save_every=5, keep_checkpoints=1, report_to="wandb",
+                               run_name="again")
     assert checkpoint.find_resume(same, world=1, rank=1) == (None, folder)
     assert half.exists()  # only rank 0 cleans up
     assert checkpoint.find_resume(same, world=1, rank=0) == (None, folder)
