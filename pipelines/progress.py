@@ -81,11 +81,13 @@ class Progress:
     def summary(self, rows: int, shards: int, size: int, targets: int, output: str) -> str:
         """The closing line: the whole cache's size per target token, and this run's rates
         (start-up included)."""
-        elapsed = self.clock() - self.start
-        rates = f"{self.samples / elapsed:.2f} samples/s" + (f", {self.targets / elapsed:,.0f} targets/s" if self.targets
-                                                            else "")
-        run = (f"; this run: {self.samples} samples{f', {self.targets:,} targets' if self.targets else ''} in "
-               f"{format_duration(elapsed)} ({rates}, start-up included)" if self.samples and elapsed > 0 else "")
+        elapsed, run = self.clock() - self.start, ""
+        if self.samples and elapsed > 0:
+            rates = f"{self.samples / elapsed:.2f} samples/s"
+            if self.targets:
+                rates += f", {self.targets / elapsed:,.0f} targets/s"
+            run = (f"; this run: {self.samples} samples{f', {self.targets:,} targets' if self.targets else ''} in "
+                   f"{format_duration(elapsed)} ({rates}, start-up included)")
         # a cache of preference log-probs only has rows but no target tokens
         per = (f"{targets:,} target tokens, {size / targets:.1f} bytes per target token" if targets
                else f"no target tokens, {format_bytes(size / max(1, rows))} per row")

@@ -146,8 +146,9 @@ class TrainConfig:
     data_streams: int = 0
     shuffle_window: int = 1024  # rows permuted together inside a stream (see data_streams)
     log_every: int = 50  # a log line every N optimizer steps when no progress bar is shown (stdout not a terminal)
-    # where the step scalars go besides output_dir/train_log.jsonl: a comma list of tensorboard (output_dir/tensorboard),
-    # wandb, mlflow (accelerate's trackers; W&B and MLflow read their usual environment variables); none = the log only
+    # where the step scalars go besides output_dir/train_log.jsonl: a comma list of tensorboard
+    # (output_dir/tensorboard), wandb, mlflow (accelerate's trackers; W&B and MLflow read their usual environment
+    # variables); none = the JSON log only
     report_to: str = "tensorboard"
     tracker_project: str = "mmkd"  # the W&B project / MLflow experiment of the run (report_to wandb, mlflow)
     run_name: str = ""  # the run's name in W&B / MLflow; "" = output_dir's folder name

@@ -134,7 +134,7 @@ def open_trackers(names: list[str], out_dir: Path, resume_step: int, project: st
             tracker = WandBTracker(project, name=run_name, dir=str(out_dir))
         else:
             tracker = MLflowTracker(experiment_name=project, run_name=run_name)
-        # only rank 0 opens a RunLog: accelerate's own main-process test would build its PartialState
+        # only rank 0 opens a RunLog: every call runs here, not through accelerate's main-process test
         tracker.main_process_only = False
         tracker.start()
         if config and name != "tensorboard":  # TensorBoard's hparams would add a run folder of their own
@@ -195,7 +195,8 @@ class RunLog:
         eta = elapsed / done * (self.total_steps - record["step"])
         return (f"[train] step {record['step']}/{self.total_steps} loss {record['loss']:.4f} ({terms}) "
                 f"lr {record['lr']:.2e} {record['tokens_per_s']:.0f} sup-tok/s {record['samples_per_s']:.1f} "
-                f"samples/s data wait {record['data_wait']:.0%} elapsed {format_duration(elapsed)} eta {format_duration(eta)}")
+                f"samples/s data wait {record['data_wait']:.0%} elapsed {format_duration(elapsed)} "
+                f"eta {format_duration(eta)}")
 
     def close(self) -> None:
         self.file.close()

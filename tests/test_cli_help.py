@@ -103,7 +103,8 @@ def test_help_loads_no_ml_library():
             "for argv in (['--help'], ['train', '--help'], ['teacher-pass', '--help'], ['demo', '--help'],"
             " ['eval', '--help'], ['recipe', '--help'], ['cache', 'merge', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'ray', 'pyarrow', 'deepspeed', 'datasets') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'transformers', 'ray', 'pyarrow', 'deepspeed', 'datasets')"
+            " if m in sys.modules]\n"
             "print('HEAVY', heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "HEAVY []" in out, out[-500:]
