@@ -16,6 +16,7 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_bytes(n: float) -> str:
+    """1234 -> "1.2 KB" (powers of 1000), 12 -> "12 B"."""
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1000 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
