@@ -322,7 +322,9 @@ def add_flags(parser: argparse.ArgumentParser, cls, prefix: str = "", defaults=N
         parser.add_argument(flag, dest=prefix + f.name, default=argparse.SUPPRESS, help=help_, **extra)
 
 
-def _nest(flat: dict) -> dict:
+def nest_dict(flat: dict) -> dict:
+    """{dotted key: value} as nested mappings ('moe.top_k': 2 -> {'moe': {'top_k': 2}}): the
+    inverse of flat_dict, before inline groups are resolved (from_dict does that)."""
     out: dict = {}
     for key, v in flat.items():
         d = out
@@ -348,5 +350,5 @@ def load_config(cls, yaml_path: str | Path | None = None, flags: dict | None = N
         if not isinstance(loaded, dict):
             raise ConfigError(f"{yaml_path}: expected a mapping of config keys")
         data = loaded
-    data = merge_dicts(data, _nest(flags or {}))
+    data = merge_dicts(data, nest_dict(flags or {}))
     return from_dict(cls, data, where="" if not yaml_path else f"{yaml_path}: ")

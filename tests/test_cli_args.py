@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mmkd.common.config import ConfigError, from_dict
+from mmkd.common.config import ConfigError, from_dict, nest_dict
 from mmkd.pipelines.cli import main
 from mmkd.pipelines.config import TeacherPassConfig
 from mmkd.pipelines.teacher_pass import check_config as check_pass
@@ -84,17 +84,6 @@ def _scalar_fields(cls, prefix=""):
             yield prefix + f.name, hints[f.name]
 
 
-def _nested(flat: dict) -> dict:
-    out: dict = {}
-    for key, v in flat.items():
-        *parents, last = key.split(".")
-        d = out
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[last] = v
-    return out
-
-
 PATHS = ("teacher", "data", "image_root", "output", "processor", "output_dir", "cache", "online_teacher", "init_from")
 
 
@@ -112,7 +101,7 @@ def test_random_values_are_accepted_or_refused_by_name(cls, teacher_dir, process
     @given(st.fixed_dictionaries({}, optional={n: _values(t) for n, t in fields}))
     def check(values):
         try:
-            cfg = from_dict(cls, _nested({**valid, **values}))
+            cfg = from_dict(cls, nest_dict({**valid, **values}))
             if cls is TeacherPassConfig:
                 check_pass(cfg)
             else:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mmkd.common.config import flag, flat_dict, load_config
+from mmkd.common.config import flag, flat_dict, load_config, nest_dict
 from mmkd.pipelines.cli import _config, build_parser, main
 from mmkd.pipelines.config import DemoConfig, TeacherPassConfig
 from mmkd.student.config import EvalConfig, TrainConfig
@@ -66,14 +66,7 @@ def test_yaml_and_flags_are_the_same_knobs(command, tmp_path):
     changed = {k: _changed(v if v is not None else "") for k, v in keys.items()}
     args = parser.parse_args([tok for k, v in changed.items() for tok in _tokens(k, v)])
     from_flags = _config(args, cls)  # what the command does with its flags
-    nested: dict = {}
-    for key, value in changed.items():
-        d = nested
-        *parents, last = key.split(".")
-        for p in parents:
-            d = d.setdefault(p, {})
-        d[last] = value
-    (tmp_path / "c.yaml").write_text(json.dumps(nested))  # JSON is YAML
+    (tmp_path / "c.yaml").write_text(json.dumps(nest_dict(changed)))  # JSON is YAML
     from_yaml = load_config(cls, tmp_path / "c.yaml")
     assert from_flags == from_yaml and flat_dict(from_yaml) == changed
 
